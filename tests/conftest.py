@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random models (seconds) and the embedded model (loaded once)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from emolens.models import LoadedModel, wrap_model
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (one token per byte) with ChatML special tokens."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def tiny_llama(layers: int = 4, width: int = 32, seed: int = 0) -> LoadedModel:
+    torch.manual_seed(seed)
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return wrap_model(LlamaForCausalLM(config), tokenizer, name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny() -> LoadedModel:
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def embedded() -> LoadedModel:
+    """The embedded SmolLM2-135M-Instruct, loaded once per test session."""
+    from emolens.models import load_model
+
+    return load_model()
