@@ -32,7 +32,7 @@ def byte_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFas
     return tokenizer
 
 
-def tiny_llama(layers: int = 4, width: int = 32, seed: int = 0) -> LoadedModel:
+def tiny_llama(layers: int = 4, width: int = 32, seed: int = 0, context: int = 512) -> LoadedModel:
     torch.manual_seed(seed)
     tokenizer = byte_tokenizer()
     config = LlamaConfig(
@@ -42,7 +42,7 @@ def tiny_llama(layers: int = 4, width: int = 32, seed: int = 0) -> LoadedModel:
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=context,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )

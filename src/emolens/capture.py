@@ -90,8 +90,9 @@ def special_ids(tokenizer) -> torch.Tensor:  # noqa: ANN001
 
 @dataclass
 class Captured:
-    """One batch: which texts, their tokens, the pooling mask and the captured residuals."""
+    """One batch: its number, which texts, their tokens, the pooling mask and the residuals."""
 
+    number: int
     indices: list[int]
     input_ids: torch.Tensor  # [batch, tokens]
     attention_mask: torch.Tensor  # [batch, tokens]
@@ -128,6 +129,12 @@ def tokenize(lm: LoadedModel, texts: Sequence[str]) -> list[list[int]]:
     return ids
 
 
+def plan_batches(ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Text indices grouped into batches of similar length, longest first (deterministic)."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def capture(
     lm: LoadedModel,
     texts: Sequence[str],
@@ -136,41 +143,37 @@ def capture(
     offset: int = 50,
     batch_size: int = 4,
     padding_side: str = "right",
-    skip: set[int] | None = None,
+    done: Sequence[int] = (),
     progress: bool | str = False,
 ) -> Iterator[Captured]:
     """Capture `layers` for `texts` in length-bucketed batches, longest first.
 
-    Texts whose index is in `skip` are not run (used to resume). `progress` shows a token
-    progress bar (a string names it).
+    `done` lists batch numbers (of `plan_batches`) to skip, so a resumed run repeats the
+    uninterrupted run's batches exactly. `progress` shows a token bar (a string names it).
     """
     layers = check_layers(lm, layers)
     ids = tokenize(lm, texts)
     specials = special_ids(lm.tokenizer)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    order = sorted(
-        (i for i in range(len(ids)) if not (skip and i in skip)), key=lambda i: -len(ids[i])
-    )
+    skipped = set(done)
+    plan = [(n, batch) for n, batch in enumerate(plan_batches(ids, batch_size)) if n not in skipped]
     bar = tqdm(
-        total=sum(len(ids[i]) for i in order),
+        total=sum(len(ids[i]) for _, batch in plan for i in batch),
         unit="tok",
         unit_scale=True,
         desc=progress if isinstance(progress, str) else "capture",
         disable=not progress,
-        leave=False,
+        dynamic_ncols=True,
     )
     with bar:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            input_ids, attention_mask = _pad([ids[i] for i in chunk], pad, padding_side)
+        for number, batch in plan:
+            input_ids, attention_mask = _pad([ids[i] for i in batch], pad, padding_side)
             position = attention_mask.cumsum(-1) - 1
             pool_mask = (
                 attention_mask.bool() & (position >= offset) & ~torch.isin(input_ids, specials)
             )
-            yield Captured(
-                chunk, input_ids, attention_mask, pool_mask,
-                residuals(lm, input_ids, attention_mask, layers),
-            )  # fmt: skip
+            captured = residuals(lm, input_ids, attention_mask, layers)
+            yield Captured(number, batch, input_ids, attention_mask, pool_mask, captured)
             bar.update(int(attention_mask.sum()))
 
 

@@ -100,8 +100,3 @@ def project_out(vectors: torch.Tensor, components: torch.Tensor) -> torch.Tensor
     """Remove the span of orthonormal `components` [k, d] from `vectors` [..., d]."""
     components = components.to(vectors.dtype)
     return vectors - (vectors @ components.T) @ components
-
-
-def unit(vectors: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit L2 norm."""
-    return vectors / vectors.norm(dim=-1, keepdim=True).clamp(min=1e-12)

@@ -1,0 +1,75 @@
+"""`emolens corpus check|generate`: validate a corpus, or have a model write one."""
+
+from __future__ import annotations
+
+import argparse
+
+from emolens.cli._common import add_model_option, load_model_from
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("corpus", help="validate or generate an emotion corpus")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = actions.add_parser("check", help="validate a corpus and print a summary")
+    check.add_argument("path", nargs="?", default=None, help="file or directory (default: shipped)")
+    check.set_defaults(run=run_check)
+
+    generate = actions.add_parser(
+        "generate",
+        help="have a model write emotion stories (append-only, resumable)",
+        description="Write stories per emotion x topic with the study's recipe, drop leaks, "
+        "bad lengths and near-duplicates, and append the rest to --out. Finished pairs are "
+        "listed in OUT.done; a re-run skips them.",
+    )
+    add_model_option(generate)
+    generate.add_argument("--out", required=True, metavar="PATH", help="output JSONL (appended)")
+    generate.add_argument("--emotions", default=None, help="comma list (default: all 171)")
+    generate.add_argument(
+        "--topics", default=None, help="comma list of topic indices or names (default: all)"
+    )
+    generate.add_argument(
+        "--heldout-topics", default=None, help="topics whose stories go to the heldout split"
+    )
+    generate.add_argument("--per-topic", type=int, default=4, help="stories asked per prompt")
+    generate.add_argument(
+        "--max-new-tokens", type=int, default=None, help="per reply (default: 200 per story)"
+    )
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--batch-size", type=int, default=4, help="prompts generated together")
+    generate.set_defaults(run=run_generate)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from emolens.corpus import check, summary
+
+    records, problems = check(args.path)
+    print(summary(records))
+    for problem in problems:
+        print(problem)
+    print(f"{len(records)} records, {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from emolens.generate import LocalBackend, generate, pick_emotions, pick_topics
+
+    emotions = pick_emotions(args.emotions)
+    topics = pick_topics(args.topics)
+    heldout = pick_topics(args.heldout_topics) if args.heldout_topics else []
+    backend = LocalBackend(load_model_from(args))
+    tally = generate(
+        backend,
+        args.out,
+        emotions=emotions,
+        topics=topics,
+        heldout_topics=heldout,
+        per_topic=args.per_topic,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    print(f"model: {backend.name}, output: {args.out}")
+    print(tally.summary())
+    return 0

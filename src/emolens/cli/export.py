@@ -1,0 +1,52 @@
+"""`emolens export`: steering vectors as a llama.cpp control vector (GGUF) or plain arrays."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from emolens.cli._common import add_bank_option, add_model_option, load_bank_for, load_model_from
+from emolens.export import FORMATS
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "export",
+        help="export emotion steering vectors (llama.cpp control vector, npz, safetensors)",
+        description="Write strength * scale * mean_norm(layer) * unit_vector per layer. In a "
+        "llama.cpp GGUF, direction.N is added to the output of block N (0-based, N >= 1): "
+        "load it with `--control-vector FILE` or `--control-vector-scaled FILE S`. A bare "
+        "emotion has strength 1.0, so S is then the emolens strength (e.g. 0.1).",
+    )
+    parser.add_argument("out", help="output file (.gguf, .npz or .safetensors)")
+    parser.add_argument("--format", choices=FORMATS, default=None, help="default: from OUT")
+    parser.add_argument(
+        "--emotion",
+        action="append",
+        required=True,
+        metavar="NAME[=S]",
+        help="an emotion, with a strength (default 1.0); repeat for several",
+    )
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every strength")
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="blocks (bank default)")
+    parser.add_argument("--variant", choices=("denoised", "raw"), default="denoised")
+    add_model_option(parser)
+    add_bank_option(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from emolens.export import control_vector_metadata, export_control_vector
+    from emolens.steer import parse_strengths
+
+    strengths = parse_strengths(args.emotion, default=1.0)
+    lm = load_model_from(args)
+    bank = load_bank_for(args, lm)
+    path = export_control_vector(
+        lm, bank, strengths, args.out, format=args.format, layers=args.layers,
+        scale=args.scale, variant=args.variant,
+    )  # fmt: skip
+    meta = control_vector_metadata(path)
+    emotions = ", ".join(f"{name}={value:+g}" for name, value in meta["emotions"].items())
+    layers = ", ".join(str(layer) for layer in meta["layers"])
+    print(f"emolens: wrote {path} ({emotions} at layers {layers})", file=sys.stderr)

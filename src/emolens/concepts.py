@@ -1,0 +1,99 @@
+"""The 171 emotion concepts, the showcase set, forbidden words, topics and ratings (from data/)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+
+from emolens.errors import EmolensError
+
+DATA = Path(str(files("emolens") / "data"))
+
+
+def _lines(name: str) -> list[str]:
+    text = (DATA / name).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def load_jsonl(path: Path, required: dict[str, type]) -> list[dict]:
+    """Rows of a JSONL data file, each checked for required fields and types (file:line errors)."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise EmolensError(f"{path}:{number}: malformed JSON ({error.msg})") from None
+        for name, kind in required.items():
+            if not isinstance(row.get(name), kind):
+                raise EmolensError(
+                    f"{path}:{number}: field '{name}' missing or not {kind.__name__}"
+                )
+        rows.append(row)
+    return rows
+
+
+@cache
+def emotions() -> list[str]:
+    """The 171 emotion concepts in the study's order."""
+    return _lines("emotions.txt")
+
+
+@cache
+def showcase() -> list[str]:
+    """The 12 emotions the study's figures feature."""
+    return _lines("showcase.txt")
+
+
+@cache
+def topics() -> list[str]:
+    """Everyday, valence-ambiguous story topics."""
+    return _lines("topics.txt")
+
+
+@cache
+def forbidden() -> dict[str, tuple[str, ...]]:
+    """For each emotion: the word, its inflections and derived forms, and direct synonyms."""
+    path = DATA / "forbidden.jsonl"
+    rows = load_jsonl(path, {"emotion": str, "forbidden": list})
+    table = {row["emotion"]: tuple(row["forbidden"]) for row in rows}
+    missing = set(emotions()) - set(table)
+    if missing:
+        raise EmolensError(f"{path}: no forbidden words for {sorted(missing)[:5]}")
+    return table
+
+
+def ratings(path: str | os.PathLike | None = None) -> dict[str, tuple[float, float]]:
+    """Valence and arousal (1-7) per word from a CSV with columns word, valence, arousal.
+
+    Without a path: the shipped judge ratings of all 171 emotions.
+    """
+    path = Path(path) if path is not None else DATA / "ratings.csv"
+    if not path.is_file():
+        raise EmolensError(f"{path}: no such ratings file")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        fields = set(reader.fieldnames or ())
+        if not {"word", "valence", "arousal"} <= fields:
+            raise EmolensError(
+                f"{path}:1: header must name the columns word, valence, arousal "
+                f"(found {', '.join(reader.fieldnames or []) or 'nothing'})"
+            )
+        table = {}
+        for row in reader:
+            for field in ("valence", "arousal"):
+                try:
+                    float(row[field])
+                except (TypeError, ValueError):
+                    raise EmolensError(
+                        f"{path}:{reader.line_num}: field '{field}' is not a number: {row[field]!r}"
+                    ) from None
+            table[row["word"].strip().lower()] = (float(row["valence"]), float(row["arousal"]))
+    if not table:
+        raise EmolensError(f"{path}: no ratings")
+    return table

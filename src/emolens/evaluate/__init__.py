@@ -1,0 +1,1 @@
+"""Validation of emotion vectors: held-out accuracy, geometry, scenarios, steering."""

@@ -1,0 +1,430 @@
+"""Corpus generation: a model writes emotion stories with the study's recipe (METHOD.md 2).
+
+One prompt per emotion x topic asks for N numbered one-paragraph stories in which a character
+feels the emotion without it ever being named. The reply is parsed into stories; leaks,
+stories outside the word range and near-duplicates (of anything already in the output or
+kept earlier in the run) are dropped. Kept stories are appended to a JSONL file, one pair at a
+time; a sidecar `OUT.done` lists finished pairs, so a re-run resumes where the last one ended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TextIO
+
+from tqdm.auto import tqdm
+
+from emolens import concepts
+from emolens.corpus import NEAR_DUPLICATE, WORD_RANGE, Record, leaks, shingles
+from emolens.errors import EmolensError
+
+if TYPE_CHECKING:
+    from emolens.models import LoadedModel
+
+REASONS = ("leak", "length", "duplicate", "unparsable")
+ID_PREFIX = "gen-"
+TOKENS_PER_STORY = 200  # default generation budget per requested story
+_MARKER = re.compile(r"^[ \t>#*_]*(?:story[ \t]*)?(\d{1,2})(?:[ \t]*[.):\-–—]|\*\*|[ \t]*$)", re.I | re.M)  # fmt: skip
+_BOLD_TITLE = re.compile(r"^\s*(\*\*|__)[^*_\n]{1,80}?\1[ \t]*[:.\-–—]?")
+_SENTENCE_END = tuple(".!?\"')”’")
+
+
+class Backend(Protocol):
+    """A chat model that answers batches of prompts; `name` becomes each story's `source`."""
+
+    name: str
+
+    def complete(
+        self,
+        prompts: list[list[dict]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int | None,
+    ) -> list[str]:
+        """One reply per chat (a list of {"role", "content"} messages), in order."""
+        ...
+
+
+class LocalBackend:
+    """A loaded model generating in-process: one left-padded `generate` call per batch."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.lm = lm
+        self.name = lm.name
+
+    def complete(
+        self,
+        prompts: list[list[dict]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Sampled replies (greedy at temperature 0); `seed` fixes them without touching the
+        caller's random state."""
+        import torch
+
+        lm, tokenizer = self.lm, self.lm.tokenizer
+        rows = [
+            tokenizer(lm.format_chat(messages), add_special_tokens=not lm.has_chat_template)[
+                "input_ids"
+            ]
+            for messages in prompts
+        ]
+        pad = next(
+            (t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
+        )
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row) :] = torch.tensor(row)
+            attention_mask[i, width - len(row) :] = 1
+        sampling = {"temperature": temperature} if temperature > 0 else {}
+        devices = [lm.device.index or 0] if lm.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = lm.model.generate(
+                input_ids=input_ids.to(lm.device),
+                attention_mask=attention_mask.to(lm.device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                do_sample=temperature > 0,
+                **sampling,
+            )
+        return tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
+
+
+def prompt(emotion: str, topic: str, count: int) -> list[dict]:
+    """The chat that asks for `count` stories about `topic` in which a character feels
+    `emotion`, conveyed only indirectly."""
+    stories = "one story" if count == 1 else f"{count} different stories"
+    person = (
+        'Write it in the first person ("I") or the third person.'
+        if count == 1
+        else 'Use the first person ("I") in some stories and the third person in others.'
+    )
+    numbering = (
+        'Start the story with "1." and write nothing else'
+        if count == 1
+        else f'Number the stories "1." to "{count}." and write nothing else'
+    )
+    return [
+        {
+            "role": "user",
+            "content": (
+                f"Write {stories} about {topic}. In each story, a character feels {emotion}.\n"
+                "- Each story is a single paragraph of 60 to 130 words.\n"
+                f'- Never write "{emotion}" or any synonym of it. Show the feeling only through '
+                "what the character does, how their body reacts, what they say and what they "
+                "think.\n"
+                f"- {person}\n"
+                "- Give every story its own character, situation and wording.\n"
+                f"- {numbering}: no titles, no comments."
+            ),
+        }
+    ]
+
+
+def parse_stories(reply: str) -> list[str | None]:
+    """The stories of a reply, in order, each reduced to its first paragraph on one line.
+
+    Items are found by line-initial numbers counting up from 1 ("1.", "2)", "**Story 3:**");
+    a reply with no numbered item is one item. Titles and preambles ("Here are...:") are
+    dropped. An item with no text, or cut off mid-sentence, is None.
+    """
+    starts, expected = [], 1
+    for match in _MARKER.finditer(reply):
+        if int(match.group(1)) == expected:
+            starts.append(match)
+            expected += 1
+    if not starts:
+        return [_clean(reply)]
+    ends = [m.start() for m in starts[1:]] + [len(reply)]
+    return [_clean(reply[m.end() : end]) for m, end in zip(starts, ends, strict=True)]
+
+
+def _clean(item: str) -> str | None:
+    lines = _BOLD_TITLE.sub("", item).replace("**", "").replace("__", "").strip().splitlines()
+    while len(lines) > 1 and _is_heading(lines[0]):
+        lines.pop(0)
+    paragraph = []
+    for line in lines:
+        if not line.strip():
+            break
+        paragraph.append(line)
+    story = " ".join(" ".join(paragraph).split())
+    return story if story.endswith(_SENTENCE_END) else None
+
+
+def _is_heading(line: str) -> bool:
+    """A blank line, a title (short, no closing punctuation) or a preamble ending in ':'."""
+    line = line.strip()
+    short = len(line.split()) <= 10 and not line.endswith(_SENTENCE_END)
+    return not line or line.endswith(":") or short
+
+
+class DuplicateIndex:
+    """Texts seen so far, searchable for near-duplicates by word 5-gram Jaccard."""
+
+    def __init__(self, texts: Iterable[str] = (), threshold: float = NEAR_DUPLICATE) -> None:
+        self.threshold = threshold
+        self.sizes: list[int] = []
+        self.postings: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        for text in texts:
+            self.add(text)
+
+    def add(self, text: str) -> None:
+        grams = shingles(text)
+        for gram in grams:
+            self.postings[gram].append(len(self.sizes))
+        self.sizes.append(len(grams))
+
+    def is_duplicate(self, text: str) -> bool:
+        grams = shingles(text)
+        shared = Counter(j for gram in grams if gram in self.postings for j in self.postings[gram])
+        return any(
+            inter / (len(grams) + self.sizes[j] - inter) >= self.threshold
+            for j, inter in shared.items()
+        )
+
+
+def screen(story: str | None, emotion: str, seen: DuplicateIndex) -> str | None:
+    """Why a parsed story is rejected (one of REASONS), or None if it may be kept."""
+    if story is None:
+        return "unparsable"
+    if leaks(story, concepts.forbidden()[emotion]):
+        return "leak"
+    low, high = WORD_RANGE["story"]
+    if not low <= len(story.split()) <= high:
+        return "length"
+    if seen.is_duplicate(story):
+        return "duplicate"
+    return None
+
+
+@dataclass
+class Tally:
+    """What a generation run did: pairs finished, stories kept and rejected by reason."""
+
+    pairs: int = 0
+    skipped: int = 0
+    kept: int = 0
+    rejected: Counter = field(default_factory=Counter)
+
+    @property
+    def parsed(self) -> int:
+        """Every story parsed from the replies: kept plus rejected."""
+        return self.kept + sum(self.rejected.values())
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{reason} {self.rejected[reason]}" for reason in REASONS)
+        return (
+            f"pairs done: {self.pairs} (skipped as already done: {self.skipped})\n"
+            f"stories parsed: {self.parsed}, kept: {self.kept}, "
+            f"rejected: {sum(self.rejected.values())} ({reasons})"
+        )
+
+
+def pick_emotions(spec: str | Sequence[str] | None) -> list[str]:
+    """Emotions from a comma list (or a sequence); None means all 171 in the study's order."""
+    known = concepts.emotions()
+    if spec is None:
+        return list(known)
+    names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else list(spec)
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise EmolensError(
+            f"unknown emotion(s): {', '.join(map(repr, unknown)) or 'none given'} "
+            "(see src/emolens/data/emotions.txt)"
+        )
+    return list(dict.fromkeys(names))
+
+
+def pick_topics(spec: str | Sequence[int | str] | None) -> list[int]:
+    """Indices of shipped topics from a comma list of indices or names; None means all."""
+    topics = concepts.topics()
+    if spec is None:
+        return list(range(len(topics)))
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    picked = []
+    for item in items:
+        if isinstance(item, int) or item.isdigit():
+            index = int(item)
+        elif item in topics:
+            index = topics.index(item)
+        else:
+            raise EmolensError(
+                f"unknown topic {item!r}: give an index 0-{len(topics) - 1} or a name from "
+                "src/emolens/data/topics.txt"
+            )
+        if not 0 <= index < len(topics):
+            raise EmolensError(f"topic index {index} out of range 0-{len(topics) - 1}")
+        picked.append(index)
+    return list(dict.fromkeys(picked))
+
+
+def slug(emotion: str) -> str:
+    """An id-safe form of an emotion name ("at ease" -> "at-ease")."""
+    return re.sub(r"[^a-z0-9]+", "-", emotion.lower()).strip("-")
+
+
+def generate(
+    backend: Backend,
+    out: str | os.PathLike,
+    *,
+    emotions: Sequence[str] | None = None,
+    topics: Sequence[int] | None = None,
+    heldout_topics: Iterable[int] = (),
+    per_topic: int = 4,
+    max_new_tokens: int | None = None,
+    temperature: float = 0.8,
+    seed: int | None = 0,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> Tally:
+    """Have `backend` write stories for every emotion x topic pair not yet done in `out`.
+
+    Kept stories are appended to `out` (JSONL records, kind "story", split "heldout" for
+    `heldout_topics`, else "train", source `backend.name`) and each finished pair to
+    `out.done`. Records of pairs missing from `out.done` (left by a crash) are removed first.
+    `batch_size` prompts are sent to the backend together; `max_new_tokens` defaults to
+    TOKENS_PER_STORY per requested story.
+    """
+    emotions = pick_emotions(emotions)
+    topics = pick_topics(topics)
+    counts = {"per_topic": per_topic, "batch_size": batch_size, "max_new_tokens": max_new_tokens}
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise EmolensError(f"{name} must be at least 1, got {value}")
+    if temperature < 0:
+        raise EmolensError(f"temperature must be at least 0, got {temperature}")
+    max_new_tokens = max_new_tokens or TOKENS_PER_STORY * per_topic
+    heldout = set(heldout_topics)
+    names = concepts.topics()
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done_path = out.with_name(out.name + ".done")
+    finished = _read_done(done_path)
+    seen = DuplicateIndex(_recover(out, finished))
+    pairs = [(e, t) for e in emotions for t in topics]
+    todo = [(n, e, t) for n, (e, t) in enumerate(pairs) if (e, names[t]) not in finished]
+    tally = Tally(skipped=len(pairs) - len(todo))
+    bar = tqdm(total=len(todo), unit="pair", desc="generate", disable=not progress)
+    with (
+        bar,
+        open(out, "a", encoding="utf-8") as records,
+        open(done_path, "a", encoding="utf-8") as done,
+    ):
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            replies = backend.complete(
+                [prompt(e, names[t], per_topic) for _, e, t in batch],
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                seed=None if seed is None else seed + batch[0][0],
+            )
+            if len(replies) != len(batch):
+                raise EmolensError(
+                    f"backend {backend.name!r} gave {len(replies)} replies to {len(batch)} prompts"
+                )
+            for (_, emotion, topic), reply in zip(batch, replies, strict=True):
+                split = "heldout" if topic in heldout else "train"
+                kept, rejected = [], Counter()
+                for number, story in enumerate(parse_stories(reply), 1):
+                    reason = screen(story, emotion, seen)
+                    if reason:
+                        rejected[reason] += 1
+                        continue
+                    seen.add(story)
+                    id_ = f"{ID_PREFIX}{slug(emotion)}-{topic:03d}-{number}"
+                    kept.append(
+                        Record(id_, "story", emotion, names[topic], story, split, backend.name)
+                    )
+                _append(records, [r.to_json() for r in kept])
+                counts = {"kept": len(kept), "rejected": {r: rejected[r] for r in REASONS}}
+                _append(done, [json.dumps({"emotion": emotion, "topic": names[topic], **counts})])
+                tally.pairs += 1
+                tally.kept += len(kept)
+                tally.rejected += rejected
+                bar.set_postfix(kept=tally.kept, rejected=sum(tally.rejected.values()))
+                bar.update()
+    return tally
+
+
+def _append(handle: TextIO, lines: list[str]) -> None:
+    """Write whole lines and force them to disk, so a crash leaves at most a partial line."""
+    handle.write("".join(line + "\n" for line in lines))
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _read_lines(path: Path) -> tuple[list[tuple[str, object]], bool]:
+    """(raw line, parsed JSON) pairs of a JSONL file, and whether it needs a rewrite: a
+    partial last line (from a crash) is dropped, and the file must end with a newline."""
+    if not path.exists():
+        return [], False
+    text = path.read_text(encoding="utf-8")
+    rows, lines = [], text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((line, json.loads(line)))
+        except json.JSONDecodeError as error:
+            if number == len(lines) and not text.endswith("\n"):
+                return rows, True
+            raise EmolensError(f"{path}:{number}: malformed JSON ({error.msg})") from None
+    return rows, bool(text) and not text.endswith("\n")
+
+
+def _read_done(path: Path) -> set[tuple[str, str]]:
+    """The (emotion, topic) pairs the sidecar lists as finished."""
+    rows, rewrite = _read_lines(path)
+    finished = set()
+    for number, (_, data) in enumerate(rows, 1):
+        if not (isinstance(data, dict) and {"emotion", "topic"} <= data.keys()):
+            raise EmolensError(f"{path}:{number}: expected an object with 'emotion' and 'topic'")
+        finished.add((data["emotion"], data["topic"]))
+    if rewrite:
+        _rewrite(path, [line for line, _ in rows])
+    return finished
+
+
+def _recover(out: Path, finished: set[tuple[str, str]]) -> list[str]:
+    """Remove generated records of unfinished pairs from `out`; return the texts it keeps."""
+    rows, rewrite = _read_lines(out)
+    keep = [
+        (line, data)
+        for line, data in rows
+        if not (
+            isinstance(data, dict)
+            and str(data.get("id", "")).startswith(ID_PREFIX)
+            and (data.get("emotion"), data.get("topic")) not in finished
+        )
+    ]
+    if rewrite or len(keep) < len(rows):
+        _rewrite(out, [line for line, _ in keep])
+    return [d["text"] for _, d in keep if isinstance(d, dict) and isinstance(d.get("text"), str)]
+
+
+def _rewrite(path: Path, lines: list[str]) -> None:
+    """Replace a file's lines atomically (a temporary file beside it, then a rename)."""
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            _append(file, lines)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.unlink(staging)

@@ -1,0 +1,152 @@
+"""Steering validation: packed word scoring, cached perplexity, and the full result dict."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from emolens.bank import random_bank
+from emolens.concepts import showcase
+from emolens.errors import EmolensError
+from emolens.evaluate.steering import (
+    evaluate_steering,
+    generate_rows,
+    plot_steering,
+    probe_ids,
+    sequence_nll,
+    word_logprobs,
+)
+from emolens.steer import steer_vectors
+
+
+@pytest.fixture(scope="module")
+def bank(tiny):
+    bank = random_bank(showcase(), list(range(tiny.depth)), tiny.width, norm=4.0, seed=2)
+    bank.meta["default_layer"] = 2
+    return bank
+
+
+def naive_logprob(lm, ids, word):
+    piece = lm.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        logits = lm.model(input_ids=torch.tensor([list(ids) + piece])).logits[0]
+    logprobs = torch.log_softmax(logits.double(), -1)
+    return sum(float(logprobs[len(ids) - 1 + j, t]) for j, t in enumerate(piece))
+
+
+def test_packed_word_scoring_equals_one_forward_per_word(tiny):
+    ids = tiny.tokenizer("How does he feel? He feels")["input_ids"]
+    words = ["sad", "happy", "at ease"]  # several tokens each with the byte tokenizer
+    packed = word_logprobs(tiny, ids, words, rows=2)
+    assert packed.shape == (2, 3) and torch.equal(packed[0], packed[1])
+    for w, word in enumerate(words):
+        assert float(packed[0, w]) == pytest.approx(naive_logprob(tiny, ids, word), abs=1e-4)
+
+
+def test_packed_scoring_under_per_row_steering(tiny):
+    ids = tiny.tokenizer("I feel")["input_ids"]
+    vectors = torch.randn(2, tiny.width) * 3
+    with steer_vectors(tiny, {1: vectors}):
+        packed = word_logprobs(tiny, ids, ["calm", "sad"], rows=2)
+    for row in range(2):
+        with steer_vectors(tiny, {1: vectors[row]}):
+            want = [naive_logprob(tiny, ids, word) for word in ("calm", "sad")]
+        assert packed[row].tolist() == pytest.approx(want, abs=1e-4)
+
+
+def test_cached_sequence_nll_equals_a_full_forward(tiny):
+    ids = tiny.tokenizer("Tell me a story.")["input_ids"]
+    generated = torch.randint(3, 200, (3, 5))
+    alive = torch.ones(3, 5, dtype=torch.bool)
+    alive[1, 3:] = False
+    got = sequence_nll(tiny, ids, generated, alive)
+    for row in range(3):
+        with torch.inference_mode():
+            full = tiny.model(input_ids=torch.cat([torch.tensor(ids), generated[row]])[None])
+        logprobs = torch.log_softmax(full.logits[0].double(), -1)
+        want = -sum(
+            float(logprobs[len(ids) - 1 + j, generated[row, j]]) for j in range(5) if alive[row, j]
+        )
+        assert float(got[row]) == pytest.approx(want, abs=1e-4)
+
+
+def test_generate_rows_stops_counting_after_eos(tiny):
+    ids = tiny.tokenizer("Hello")["input_ids"]
+    generated, alive = generate_rows(tiny, ids, 2, 6)
+    assert generated.shape == alive.shape == (2, 6)
+    assert torch.equal(generated[0], generated[1])  # same prompt, no steering
+    eos = tiny.tokenizer.eos_token_id
+    for row in range(2):
+        hits = (generated[row] == eos).nonzero()
+        end = int(hits[0]) + 1 if len(hits) else 6
+        assert alive[row].tolist() == [True] * end + [False] * (6 - end)
+
+
+def test_probes_use_plain_text_and_the_chat_template(tiny):
+    probes = probe_ids(tiny)
+    assert probes["he"][0] == "How does he feel? He feels"
+    assert probes["I"][0].endswith("<|im_start|>assistant\nI feel")
+    assert "How do you feel?" in probes["I"][0]
+
+
+def all_numbers(value):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from all_numbers(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from all_numbers(item)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value
+
+
+def test_evaluate_steering_on_the_tiny_model(tiny, bank, tmp_path):
+    emotions = ["happy", "sad", "calm"]
+    result = evaluate_steering(
+        tiny,
+        bank,
+        emotions=emotions,
+        strengths=(0.5, 2.0),
+        n_random=2,
+        generation_prompts=["Hi"],
+        max_new_tokens=3,
+    )
+    json.dumps(result, allow_nan=False)  # JSON-serialisable, no NaN/inf
+    assert all(math.isfinite(v) for v in all_numbers(result))
+    expected = {
+        "model", "layer", "variant", "norm", "strengths", "emotions", "random", "probes",
+        "baseline", "delta", "summary", "beats_random", "specific", "perplexity",
+        "degrades_at", "degrade_factor", "examples", "seconds",
+    }  # fmt: skip
+    assert set(result) == expected
+    assert result["strengths"] == [0.0, 0.5, 2.0] and result["layer"] == 2
+    assert result["random"] == ["random:0", "random:1"]
+    for name in emotions:
+        for key in ("own", "other", "random", "random_max"):
+            series = result["summary"][name][key]
+            assert len(series) == 3 and series[0] == 0.0
+    assert any(v != 0 for v in result["summary"]["happy"]["own"][1:])
+    counts = result["beats_random"]
+    assert counts["reference"] == 0.5 and 0 <= counts["count"] <= counts["of"] == 3
+    assert set(counts["per_strength"]) == {"0.0", "0.5", "2.0"}
+    for probe in ("he", "I"):
+        assert set(result["delta"][probe]) == set(emotions) | {"random:0", "random:1"}
+    ppl = result["perplexity"]
+    assert ppl["unsteered"] >= 1.0 and len(ppl["emotions"]) == len(ppl["random"]) == 3
+    assert ppl["emotions"][0] == pytest.approx(ppl["unsteered"], rel=1e-4)
+    assert result["degrades_at"] in (None, 0.5, 2.0)
+    assert set(result["examples"]["steered"]["happy"]) == {"0.0", "0.5", "2.0"}
+    path = plot_steering(result, tmp_path / "steering.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_steering_rejects_bad_requests(tiny, bank):
+    with pytest.raises(EmolensError, match="unknown emotion"):
+        evaluate_steering(tiny, bank, emotions=["bored"], strengths=(0.1,))
+    with pytest.raises(EmolensError, match="n_random"):
+        evaluate_steering(tiny, bank, emotions=["happy"], strengths=(0.1,), n_random=0)
+    with pytest.raises(EmolensError, match="not in this bank"):
+        evaluate_steering(tiny, bank, emotions=["happy"], layer=9)
