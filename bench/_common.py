@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
+import torch
+
+from emolens.capture import plan_batches, tokenize
 from emolens.corpus import load
 
 
@@ -24,3 +27,24 @@ def timer(results: dict, key: str):
     start = time.perf_counter()
     yield
     results[key] = time.perf_counter() - start
+
+
+@torch.inference_mode()
+def run_truncated(lm, texts, layer):
+    """A bare forward pass through blocks 0..layer only (the physical limit), same batches."""
+    full = lm.layers
+    parent = lm.model.get_submodule(lm.layers_path.rsplit(".", 1)[0])
+    name = lm.layers_path.rsplit(".", 1)[1]
+    ids = tokenize(lm, texts)
+    setattr(parent, name, torch.nn.ModuleList(list(full)[: layer + 1]))
+    try:
+        for batch in plan_batches(ids, 4):
+            width = max(len(ids[i]) for i in batch)
+            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for row, i in enumerate(batch):
+                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                mask[row, : len(ids[i])] = 1
+            lm.model.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    finally:
+        setattr(parent, name, full)

@@ -13,37 +13,16 @@ import sys
 
 import torch
 
-from emolens.capture import capture, plan_batches, tokenize
+from emolens.capture import capture, tokenize
 from emolens.models import load_model
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from _common import texts_of_tokens, timer  # noqa: E402
+from _common import run_truncated, texts_of_tokens, timer  # noqa: E402
 
 
 def run_capture(lm, texts, layer):
     for batch in capture(lm, texts, [layer], batch_size=4):
         batch.pooled()
-
-
-@torch.inference_mode()
-def run_truncated(lm, texts, layer):
-    """A bare forward pass through blocks 0..layer only (the physical limit), same batches."""
-    full = lm.layers
-    parent = lm.model.get_submodule(lm.layers_path.rsplit(".", 1)[0])
-    name = lm.layers_path.rsplit(".", 1)[1]
-    ids = tokenize(lm, texts)
-    setattr(parent, name, torch.nn.ModuleList(list(full)[: layer + 1]))
-    try:
-        for batch in plan_batches(ids, 4):
-            width = max(len(ids[i]) for i in batch)
-            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for row, i in enumerate(batch):
-                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                mask[row, : len(ids[i])] = 1
-            lm.model.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-    finally:
-        setattr(parent, name, full)
 
 
 @torch.inference_mode()

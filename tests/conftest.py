@@ -60,3 +60,18 @@ def embedded() -> LoadedModel:
     from emolens.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def embedded_bank(embedded, tmp_path_factory):
+    """A real bank of the embedded model for the 12 showcase emotions: the full recipe, in small."""
+    from emolens.build import build
+    from emolens.concepts import showcase
+    from emolens.corpus import Corpus, load
+
+    records = load().records
+    stories = [r for r in records if r.kind == "story" and r.emotion in showcase()]
+    neutral = [r for r in records if r.kind == "neutral"][:60]
+    out = tmp_path_factory.mktemp("embedded-bank")
+    return build(embedded, Corpus(stories + neutral), layers=[embedded.default_layer()], out=out,
+                 progress=False)  # fmt: skip

@@ -134,12 +134,15 @@ def test_cli_export(saved, tmp_path, capsys):
     options = ["--model", str(root / "model"), "--bank", str(root / "bank.safetensors")]
     code = main(
         ["export", str(out), "--format", "llama-cpp", "--emotion", "calm", "--emotion",
-         "sad=-0.5", "--scale", "0.2", "--layers", "1", "3", *options]
+         "sad=-0.5", "--scale", "0.2", "--layers", "1", "--layers", "3", *options]
     )  # fmt: skip
     assert code == 0 and "wrote" in capsys.readouterr().err
     vectors = load_control_vector(out)
     want = emotion_vectors(lm, bank, {"calm": 0.2, "sad": -0.1}, [1, 3])
     assert sorted(vectors) == [1, 3]
     assert all(torch.allclose(vectors[k], want[k], atol=1e-6) for k in (1, 3))
+    flat = tmp_path / "flat.npz"
+    assert main(["export", "--emotion", "calm=0.2", "--layers", "1,3", *options, str(flat)]) == 0
+    assert sorted(load_control_vector(flat)) == [1, 3]
     assert main(["export", str(tmp_path / "x.npz"), "--emotion", "bored", *options]) == 2
     assert "unknown emotion" in capsys.readouterr().err

@@ -257,6 +257,7 @@ def _offline(lm, bank, messages, tokens, layer=None):
 
 def test_streamed_readout_equals_offline(tiny):
     bank = bank_for(tiny)
+    hooks_before = dict(tiny.layers[2]._forward_hooks)
     messages = [{"role": "user", "content": "Tell me something."}]
     with logit_bias(tiny, tiny.tokenizer.eos_token_id, -1e9):
         tokens = list(generate(tiny, bank, messages, max_new_tokens=12, layer=2))
@@ -264,7 +265,7 @@ def test_streamed_readout_equals_offline(tiny):
     offline, start = _offline(tiny, bank, messages, tokens, layer=2)
     torch.testing.assert_close(torch.stack([t.scores for t in tokens]), offline, atol=1e-4, rtol=0)
     assert [t.position for t in tokens] == list(range(start, start + 12))
-    assert not tiny.layers[2]._forward_hooks
+    assert dict(tiny.layers[2]._forward_hooks) == hooks_before
     # A string prompt is one user message; sampling is reproducible with a seed.
     first = [t.id for t in generate(tiny, bank, "Hi", max_new_tokens=8, temperature=1.0, seed=3)]
     again = [t.id for t in generate(tiny, bank, "Hi", max_new_tokens=8, temperature=1.0, seed=3)]
@@ -298,13 +299,14 @@ def test_streaming_sees_a_steering_hook(tiny):
 
 def test_generation_stops_at_eos_and_cleans_up(tiny):
     bank = bank_for(tiny)
+    hooks_before = [dict(block._forward_hooks) for block in tiny.layers]
     with logit_bias(tiny, tiny.tokenizer.eos_token_id, 1e9):
         assert list(generate(tiny, bank, "Hi", max_new_tokens=5)) == []
     with logit_bias(tiny, tiny.tokenizer.eos_token_id, -1e9):
         stream = generate(tiny, bank, "Hi", max_new_tokens=5)
         next(stream)
         stream.close()
-    assert all(not block._forward_hooks for block in tiny.layers)
+    assert [dict(block._forward_hooks) for block in tiny.layers] == hooks_before
 
 
 def test_shipped_agent_transcript():

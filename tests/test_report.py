@@ -29,8 +29,9 @@ SECTIONS = ("accuracy", "geometry", "logit_lens", "scenarios", "intensity", "ste
 NULLABLE = {"degrades_at"}
 
 
-def make_bank(lm, seed=0):
-    bank = random_bank(concepts.emotions(), LAYERS, lm.width, norm=3.0, seed=seed)
+def make_bank(lm, seed=0, emotions=None):
+    emotions = emotions or concepts.emotions()
+    bank = random_bank(emotions, LAYERS, lm.width, norm=3.0, seed=seed)
     bank.model = dict(lm.fingerprint)
     bank.meta["default_layer"] = 2
     return bank
@@ -51,7 +52,16 @@ def write_heldout(bank, path, per_emotion=2, seed=0):
 
 @pytest.fixture(scope="module")
 def built(tiny, tmp_path_factory):
-    """A full report of a random 171-emotion bank on the tiny model, steering included."""
+    """A full report of a random 171-emotion bank on the tiny model, steering included (the
+    real steering evaluation, on a shorter dose range to keep the test fast)."""
+    from emolens.evaluate import steering
+
+    real = steering.evaluate_steering
+
+    def short(lm, bank, **options):
+        return real(lm, bank, **options, strengths=(0.1, 0.4), n_random=2,
+                    generation_prompts=("Hello.",), max_new_tokens=4)  # fmt: skip
+
     folder = tmp_path_factory.mktemp("bank")
     bank = make_bank(tiny)
     bank.save(folder / "bank.safetensors")
@@ -62,9 +72,11 @@ def built(tiny, tmp_path_factory):
         "proud,8,5.5\nunrelated,5,5\n"
     )
     out = folder / "report"
-    report = write_report(
-        tiny, folder / "bank.safetensors", out, norms=norms, steering=True, progress=False
-    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(steering, "evaluate_steering", short)
+        report = write_report(
+            tiny, folder / "bank.safetensors", out, norms=norms, steering=True, progress=False
+        )
     return report, out
 
 
@@ -160,9 +172,15 @@ def test_html_is_self_contained_and_figures_are_pngs(built):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_without_heldout_still_complete(tiny, tmp_path):
-    bank = make_bank(tiny, seed=1)  # an in-memory bank: no held-out file anywhere
+def test_partial_bank_without_heldout_still_complete(tiny, tmp_path):
+    emotions = concepts.emotions()[:40]  # a partial bank, in memory: no held-out file anywhere
+    bank = make_bank(tiny, seed=1, emotions=emotions)
     report = write_report(tiny, bank, tmp_path, steering=False, progress=False)
+    shown = [e for e in concepts.showcase() if e in emotions]
+    assert report["scenarios"]["showcase"] == shown and report["scenarios"]["total"] == 5 * len(
+        shown
+    )
+    assert len(report["logit_lens"]["emotions"]) == 40
     assert report["accuracy"]["table"] is None and report["headline"]["top1"] is None
     assert report["steering"] is None and "accuracy" not in report["figures"]
     assert "n/a" in headline_text(report)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from emolens.bank import EmotionBank, default_bank_path, random_bank
+from emolens.bank import random_bank
 from emolens.capture import hooked
 from emolens.errors import EmolensError
 from emolens.steer import (
@@ -305,50 +304,20 @@ def test_live_readout_sees_the_steering(tiny, bank):
 # --- the embedded model ------------------------------------------------------------------
 
 
-def embedded_bank(lm) -> EmotionBank:
-    """The model's built bank if there is one, else a small bank of the showcase emotions that
-    have shipped stories (centred story means at the default layer; the method in small)."""
-    path = default_bank_path(lm.fingerprint)
-    if path.is_file():
-        return EmotionBank.load(path)
-    from emolens.capture import capture
-
-    stories = Path(__file__).parents[1] / "src/emolens/data/stories.jsonl"
-    rows = [json.loads(line) for line in stories.read_text().splitlines() if line.strip()]
-    names = ["afraid", "angry", "guilty", "happy", "nervous", "sad", "surprised"]
-    layer = lm.default_layer()
-    means, norms = [], []
-    for name in names:
-        texts = [row["text"] for row in rows if row["emotion"] == name][:3]
-        batches = list(capture(lm, texts, [layer], offset=10))
-        means.append(torch.cat([c.pooled()[:, 0] for c in batches]).mean(0))
-        norms += [c.tokens(layer).norm(dim=-1) for c in batches]
-    vectors = torch.stack(means)
-    vectors = (vectors - vectors.mean(0))[None]
-    norm = float(torch.cat(norms).mean())
-    return EmotionBank(
-        emotions=names,
-        layers=[layer],
-        vectors={"raw": vectors, "denoised": vectors.clone()},
-        mean_norm=torch.tensor([norm]),
-        center=torch.zeros(1, lm.width),
-        model=lm.fingerprint,
-        meta={"default_layer": layer},
-    )
-
-
 @pytest.mark.slow
-def test_steering_happy_raises_happy_after_i_feel(embedded):
-    from emolens.evaluate.steering import word_logprobs
+def test_steering_happy_favours_happy_over_sad(embedded, embedded_bank):
+    """The study's check: steering toward "happy" raises " happy" after "He feels", and after
+    both "He feels" and the assistant's "I feel" it moves " happy" up more than " sad"."""
+    from emolens.evaluate.steering import probe_ids, word_logprobs
 
-    bank = embedded_bank(embedded)
-    prompt = embedded.format_chat([{"role": "user", "content": "How do you feel?"}]) + "I feel"
-    ids = embedded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    plain = word_logprobs(embedded, ids, ["happy", "sad"])
-    with steer(embedded, bank, {"happy": 0.1}):
-        steered = word_logprobs(embedded, ids, ["happy", "sad"])
-    assert steered[0, 0] > plain[0, 0], (plain, steered)
-    assert steered[0, 0] - plain[0, 0] > steered[0, 1] - plain[0, 1]
+    changes = {}
+    for name, (text, ids) in probe_ids(embedded).items():
+        plain = word_logprobs(embedded, ids, ["happy", "sad"])
+        with steer(embedded, embedded_bank, {"happy": 0.1}):
+            steered = word_logprobs(embedded, ids, ["happy", "sad"])
+        changes[name] = (steered - plain)[0]
+        assert changes[name][0] > changes[name][1], (text, plain, steered)
+    assert max(change[0] for change in changes.values()) > 0, changes
 
 
 # --- the command line --------------------------------------------------------------------

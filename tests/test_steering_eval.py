@@ -146,6 +146,8 @@ def test_evaluate_steering_on_the_tiny_model(tiny, bank, tmp_path):
 def test_evaluate_steering_rejects_bad_requests(tiny, bank):
     with pytest.raises(EmolensError, match="unknown emotion"):
         evaluate_steering(tiny, bank, emotions=["bored"], strengths=(0.1,))
+    with pytest.raises(EmolensError, match="dose range"):
+        evaluate_steering(tiny, bank, emotions=["happy"], strengths=(-0.1, 0.1))
     with pytest.raises(EmolensError, match="n_random"):
         evaluate_steering(tiny, bank, emotions=["happy"], strengths=(0.1,), n_random=0)
     with pytest.raises(EmolensError, match="not in this bank"):

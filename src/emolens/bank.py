@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from emolens.atomic import atomic_path
 from emolens.errors import EmolensError
 
 VARIANTS = ("denoised", "raw")
@@ -124,15 +124,8 @@ class EmotionBank:
             "model": self.model,
             "meta": self.meta,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=".bank-", dir=path.parent)
-        os.close(handle)
-        try:
+        with atomic_path(path) as staging:
             save_file(tensors, staging, metadata={"emolens": json.dumps(header)})
-            os.replace(staging, path)
-        finally:
-            if os.path.exists(staging):
-                os.unlink(staging)
         return path
 
     @classmethod

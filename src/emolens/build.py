@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -14,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from emolens import __version__, concepts
+from emolens.atomic import atomic_path
 from emolens.bank import EmotionBank, default_bank_path
 from emolens.capture import capture, check_layers
 from emolens.corpus import Corpus, dialogue_messages
@@ -68,14 +68,8 @@ class _State:
 
     def save(self, path: Path, key: str) -> None:
         meta = {"key": key, "done": json.dumps(self.done), "short": str(self.short)}
-        handle, staging = tempfile.mkstemp(prefix=".checkpoint-", dir=path.parent)
-        os.close(handle)
-        try:
+        with atomic_path(path) as staging:
             save_file(self.tensors(), staging, metadata=meta)
-            os.replace(staging, path)
-        finally:
-            if os.path.exists(staging):
-                os.unlink(staging)
 
     def restore(self, path: Path, key: str) -> bool:
         """Load a checkpoint written for the same build; False if there is none or it differs."""

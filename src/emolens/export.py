@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from emolens.atomic import atomic_path
 from emolens.bank import EmotionBank
 from emolens.errors import EmolensError
 from emolens.models import LoadedModel
@@ -205,14 +205,6 @@ def _array(vector: torch.Tensor) -> np.ndarray:
 
 def _atomic(path: str | os.PathLike, write) -> Path:  # noqa: ANN001
     """Run `write(staging)` on a temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=".export-", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(staging))
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.unlink(staging)
-    return path
+    with atomic_path(path) as staging:
+        write(staging)
+    return Path(path)

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from emolens import __version__, concepts
+from emolens.atomic import atomic_path
 from emolens.bank import EmotionBank, default_bank_path
 from emolens.build import best_layer, heldout_accuracy
 from emolens.corpus import scenarios as load_scenarios
@@ -98,6 +98,7 @@ def write_report(
     with step("figures"):
         figures = draw_figures(report, out)
     report["seconds"] = round(time.perf_counter() - started, 1)
+    report["step_seconds"] = step.seconds
     report["figures"] = {name: path.name for name, path in figures.items()}
     report = clean(report)
     _write_atomic(out / "report.json", json.dumps(report, indent=1, allow_nan=False))
@@ -114,10 +115,11 @@ def _load_bank(bank: EmotionBank | str | os.PathLike) -> tuple[EmotionBank, Path
 
 
 class _Steps:
-    """A line per report step on stderr, with its time."""
+    """A line per report step on stderr, with its time; `seconds` keeps every step's time."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
+        self.seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -125,8 +127,9 @@ class _Steps:
         if self.enabled:
             print(f"report: {name} ...", file=sys.stderr, flush=True)
         yield
+        self.seconds[name] = round(time.perf_counter() - start, 2)
         if self.enabled:
-            print(f"report: {name} done ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+            print(f"report: {name} done ({self.seconds[name]:.1f} s)", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- held-out accuracy
@@ -191,6 +194,7 @@ def accuracy_section(bank: EmotionBank, base: EmotionBank, path: Path | None, no
         "table": table,
         "baseline": baseline,
         "best_layer": best_layer(table),
+        "showcase": shown,
         "chance": {"top1": 1 / len(bank.emotions), "top5": min(1.0, 5 / len(bank.emotions)),
                    "showcase_top1": 1 / shown if shown else None},
     }  # fmt: skip
@@ -267,8 +271,10 @@ def reading_sections(
 
 def steering_section(lm: LoadedModel, bank: EmotionBank, layer: int, out: Path) -> dict | None:
     """evaluate_steering's result (its figure saved as steering.png), or None when emolens
-    has no steering evaluation."""
+    has no steering evaluation or the bank has none of the showcase emotions it steers."""
     if importlib.util.find_spec("emolens.evaluate.steering") is None:
+        return None
+    if not set(concepts.showcase()) & set(bank.emotions):
         return None
     from emolens.evaluate.steering import evaluate_steering, plot_steering
 
@@ -327,7 +333,7 @@ def headline(report: dict) -> dict:
 def headline_text(report: dict) -> str:
     """A few terminal lines: the headline numbers, vectors and word baseline side by side."""
     head, base = report["headline"], report["headline"]["baseline"]
-    best = head["best_layer"]
+    best, shown = head["best_layer"], len(report["scenarios"]["showcase"])
 
     def pct(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.1%}"
@@ -342,11 +348,11 @@ def headline_text(report: dict) -> str:
         f"{'':34}{'vectors':>9}{'words':>9}",
         f"{'held-out top-1 (all emotions)':34}{pct(head['top1']):>9}{pct(base['top1']):>9}",
         f"{'held-out top-5 (all emotions)':34}{pct(head['top5']):>9}{pct(base['top5']):>9}",
-        f"{'held-out top-1 (12 showcase)':34}{pct(head['showcase_top1']):>9}"
+        f"{'held-out top-1 (showcase only)':34}{pct(head['showcase_top1']):>9}"
         f"{pct(base['showcase_top1']):>9}",
         f"{'PC1 ~ valence r':34}{r(head['pc1_valence_r']):>9}{r(base['pc1_valence_r']):>9}",
         f"{'PC2 ~ arousal r':34}{r(head['pc2_arousal_r']):>9}{r(base['pc2_arousal_r']):>9}",
-        f"{'scenarios: intended first of 12':34}"
+        f"{f'scenarios: intended first of {shown}':34}"
         f"{head['scenarios_first']:>4}/{head['scenarios_total']:<4}"
         f"{base['scenarios_first']:>4}/{base['scenarios_total']:<4}",
         f"{'  same, relative to mean scenario':34}"
@@ -387,14 +393,8 @@ def clean(value: Any) -> Any:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.unlink(staging)
+    with atomic_path(path) as staging:
+        staging.write_text(text, encoding="utf-8")
 
 
 # ---------------------------------------------------------------- figures
@@ -407,9 +407,10 @@ def draw_figures(report: dict, out: Path) -> dict[str, Path]:
         "similarity": figure_similarity(geometry["vectors"], out / "similarity.png"),
         "pca": figure_pca(geometry, out / "pca.png"),
         "rsa": figure_rsa(geometry["rsa"], out / "rsa.png"),
-        "scenarios": figure_scenarios(report["scenarios"], out / "scenarios.png"),
         "intensity": figure_intensity(report["intensity"], out / "intensity.png"),
     }
+    if report["scenarios"]["showcase"]:
+        drawn["scenarios"] = figure_scenarios(report["scenarios"], out / "scenarios.png")
     if report["accuracy"]["table"]:
         drawn["accuracy"] = figure_accuracy(report["accuracy"], out / "accuracy.png")
     if report.get("steering") and (out / "steering.png").is_file():
@@ -430,7 +431,7 @@ def figure_accuracy(section: dict, path: Path) -> Path:
     layers = [int(layer) for layer in table["layers"]]
     figure = Figure(figsize=(13, 3.8))
     panels = (("top1", "top-1, all emotions"), ("top5", "top-5, all emotions"),
-              ("showcase_top1", "top-1, 12 showcase"))  # fmt: skip
+              ("showcase_top1", "top-1 among the showcase emotions"))  # fmt: skip
     for axes, (key, title) in zip(figure.subplots(1, 3), panels, strict=True):
 
         def column(source: dict, variant: str, key: str = key) -> list[float]:
@@ -445,6 +446,7 @@ def figure_accuracy(section: dict, path: Path) -> Path:
             axes.axhline(section["chance"][key], color="black", lw=0.7, ls=":", label="chance")
         axes.axvline(section["best_layer"], color="#2ca02c", lw=0.8, alpha=0.6)
         axes.set_title(title, fontsize=10)
+        axes.set_xticks(layers)
         axes.set_xlabel("layer")
         axes.set_ylim(0, 1)
         axes.grid(alpha=0.3)
@@ -465,7 +467,7 @@ def figure_similarity(part: dict, path: Path) -> Path:
     figure = Figure(figsize=(size + 1.2, size))
     axes = figure.subplots()
     image = axes.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-    font = max(3.0, min(8.0, 600 / max(n, 1)))
+    font = max(2.5, min(8.0, 0.6 * size * 72 / max(n, 1)))  # a row's height in points
     shown = set(concepts.showcase())
     axes.set_xticks(range(n), part["order"], rotation=90, fontsize=font)
     axes.set_yticks(range(n), part["order"], fontsize=font)
@@ -474,7 +476,7 @@ def figure_similarity(part: dict, path: Path) -> Path:
             label.set_fontweight("bold")
     axes.set_title("cosine similarity of the emotion vectors (clustered order)")
     figure.colorbar(image, ax=axes, fraction=0.03)
-    return _save(figure, path, dpi=120)
+    return _save(figure, path, dpi=150)
 
 
 def _scatter(axes: Any, part: dict, title: str) -> Any:
@@ -603,7 +605,8 @@ def figure_intensity(section: dict, path: Path) -> Path:
         axes.axhline(0, color="#999999", lw=0.5)
         axes.set_xticks(list(steps), [f"{v:g}" for v in template["values"]], fontsize=7)
         axes.set_title(template["id"], fontsize=9)
-        axes.legend(fontsize=6.5)
+        if template["curves"]:
+            axes.legend(fontsize=6.5)
     for axes in grid[len(templates) :]:
         axes.set_visible(False)
     figure.supylabel("score change from the first value")
@@ -706,13 +709,14 @@ def _html_accuracy(report: dict, figures: dict[str, Path]) -> str:
             + [_pct(words.get(key)) for key in ("top1", "top5", "showcase_top1")]
         )  # fmt: skip
     header = ["layer", "top-1 raw", "top-1 denoised", "top-5 raw", "top-5 denoised",
-              "12-way raw", "12-way denoised", "words top-1", "words top-5", "words 12-way"]  # fmt: skip
+              "showcase raw", "showcase denoised", "words top-1", "words top-5", "words showcase"]  # fmt: skip
     chance = section["chance"]
     return (
         f"<p>{table['n']} held-out stories ({len(report['geometry']['vectors']['order'])}-way "
         f"classification: the centred pooled activation projected on every unit vector), "
-        f"{table['n_showcase']} of them for the 12 showcase emotions. Chance: top-1 "
-        f"{_pct(chance['top1'])}, top-5 {_pct(chance['top5'])}, 12-way "
+        f"{table['n_showcase']} of them for the {section['showcase']} showcase emotions in the "
+        "bank (the showcase columns classify these among the showcase emotions only). Chance: "
+        f"top-1 {_pct(chance['top1'])}, top-5 {_pct(chance['top5'])}, showcase "
         f"{_pct(chance['showcase_top1'])}. The word baseline is scored the same way "
         f'(section 3). <span class="note">Source: {_esc(section["source"])}.</span></p>'
         + _table(header, rows)
@@ -776,10 +780,10 @@ def _html_baseline(report: dict) -> str:
     rows = [
         ["held-out top-1 (best layer)", _pct(head["top1"]), _pct(base["top1"])],
         ["held-out top-5 (best layer)", _pct(head["top5"]), _pct(base["top5"])],
-        ["held-out 12-way top-1", _pct(head["showcase_top1"]), _pct(base["showcase_top1"])],
+        ["held-out top-1, showcase only", _pct(head["showcase_top1"]), _pct(base["showcase_top1"])],
         ["PC1 ~ valence r", _num(head["pc1_valence_r"]), _num(base["pc1_valence_r"])],
         ["PC2 ~ arousal r", _num(head["pc2_arousal_r"]), _num(base["pc2_arousal_r"])],
-        ["scenarios first of 12", f"{head['scenarios_first']}/{head['scenarios_total']}",
+        [f"scenarios: intended first of {len(report['scenarios']['showcase'])}", f"{head['scenarios_first']}/{head['scenarios_total']}",
          f"{base['scenarios_first']}/{base['scenarios_total']}"],
         ["intensity expectations met", f"{head['intensity_met']}/{head['intensity_total']}",
          f"{base['intensity_met']}/{base['intensity_total']}"],

@@ -23,20 +23,36 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     add_model_option(generate)
     generate.add_argument("--out", required=True, metavar="PATH", help="output JSONL (appended)")
-    generate.add_argument("--emotions", default=None, help="comma list (default: all 171)")
     generate.add_argument(
-        "--topics", default=None, help="comma list of topic indices or names (default: all)"
+        "--emotions", default=None, metavar="LIST", help="comma list (default: all 171)"
     )
     generate.add_argument(
-        "--heldout-topics", default=None, help="topics whose stories go to the heldout split"
+        "--topics",
+        default=None,
+        metavar="LIST",
+        help="comma list of topic indices or names (default: all)",
     )
-    generate.add_argument("--per-topic", type=int, default=4, help="stories asked per prompt")
     generate.add_argument(
-        "--max-new-tokens", type=int, default=None, help="per reply (default: 200 per story)"
+        "--heldout-topics",
+        default=None,
+        metavar="LIST",
+        help="topics whose stories go to the heldout split",
     )
-    generate.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    generate.add_argument(
+        "--per-topic", type=int, default=4, metavar="N", help="stories per prompt"
+    )
+    generate.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="per reply (default: 200 per story)",
+    )
+    generate.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--batch-size", type=int, default=4, help="prompts generated together")
+    generate.add_argument(
+        "--batch-size", type=int, default=4, metavar="N", help="prompts per batch"
+    )
     generate.set_defaults(run=run_generate)
 
 
@@ -52,10 +68,10 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from emolens.generate import LocalBackend, generate, pick_emotions, pick_topics
+    from emolens.corpus_generation import LocalBackend, generate, pick_emotions, pick_topics
 
-    emotions = pick_emotions(args.emotions)
-    topics = pick_topics(args.topics)
+    # parsed before the model loads, so a typo fails at once
+    emotions, topics = pick_emotions(args.emotions), pick_topics(args.topics)
     heldout = pick_topics(args.heldout_topics) if args.heldout_topics else []
     backend = LocalBackend(load_model_from(args))
     tally = generate(

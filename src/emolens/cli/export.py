@@ -28,11 +28,27 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="an emotion, with a strength (default 1.0); repeat for several",
     )
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every strength")
-    parser.add_argument("--layers", type=int, nargs="+", default=None, help="blocks (bank default)")
+    parser.add_argument(
+        "--layers",
+        type=_layers,
+        action="extend",
+        default=None,
+        metavar="L[,L...]",
+        help="blocks to export, e.g. 15,18 (repeatable; default: the bank's layer)",
+    )
     parser.add_argument("--variant", choices=("denoised", "raw"), default="denoised")
     add_model_option(parser)
     add_bank_option(parser)
     parser.set_defaults(run=run)
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a comma-separated list of layers"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> None:

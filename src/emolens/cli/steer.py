@@ -52,8 +52,12 @@ def run(args: argparse.Namespace) -> None:
     bank = load_bank_for(args, lm)
     layer = next(iter(emotion_vectors(lm, bank, strengths, args.layer, args.variant)))
     messages = [{"role": "user", "content": args.prompt}]
-    result = {"prompt": args.prompt, "layer": layer, "positions": args.positions}
-    result["steering"] = strengths
+    result = {
+        "prompt": args.prompt,
+        "layer": layer,
+        "positions": args.positions,
+        "steering": strengths,
+    }
     for name, steering in (("unsteered", {}), ("steered", strengths)):
         ids, text = reply(lm, bank, messages, steering, args)
         result[name] = {"text": text, "readout": readout(lm, bank, messages, ids, strengths, args)}
@@ -61,17 +65,21 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps(result, indent=2))
         return
     shown = ", ".join(f"{name}={value:+g}" for name, value in strengths.items())
-    for name in ("unsteered", "steered"):
-        title = name if name == "unsteered" else f"steered: {shown} at layer {layer}"
-        print(f"[{title}, positions {args.positions}]" if name == "steered" else f"[{title}]")
+    titles = {
+        "unsteered": "[unsteered]",
+        "steered": f"[steered: {shown} at layer {layer}, positions {args.positions}]",
+    }
+    base = result["unsteered"]["readout"]
+    for name, title in titles.items():
+        print(title)
         print(result[name]["text"].strip())
-        scores = "  ".join(
+        scores = [
             f"{emotion} {value:+.2f}"
-            + (f" ({value - result['unsteered']['readout'][emotion]:+.2f})" if name == "steered" else "")
+            + (f" ({value - base[emotion]:+.2f})" if name == "steered" else "")
             for emotion, value in result[name]["readout"].items()
-        )  # fmt: skip
+        ]
         if scores:
-            print(f"    readout (mean over the reply, layer {layer}): {scores}")
+            print(f"    readout (mean over the reply, layer {layer}): {'  '.join(scores)}")
         print()
 
 

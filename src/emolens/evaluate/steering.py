@@ -29,7 +29,7 @@ from emolens.models import LoadedModel
 from emolens.read import cache_keyword, eos_ids, logits_options, resolve_layer
 from emolens.steer import RANDOM_PREFIX, direction, steer_vectors
 
-STRENGTHS = (0.0, 0.05, 0.1, 0.2, 0.4)
+STRENGTHS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)
 GENERATION_PROMPTS = (
     "Tell me about your morning.",
     "What do you think about when you look at the sea?",
@@ -179,8 +179,10 @@ def evaluate_steering(
     layer = resolve_layer(lm, bank, layer)
     emotions = _emotions(bank, emotions)
     strengths = sorted({0.0, *(float(s) for s in strengths)})
-    if not all(math.isfinite(s) for s in strengths) or n_random < 1 or max_new_tokens < 1:
-        raise EmolensError("need finite strengths, n_random >= 1 and max_new_tokens >= 1")
+    if not all(math.isfinite(s) and s >= 0 for s in strengths):
+        raise EmolensError(f"strengths must be finite and >= 0 (a dose range), not {strengths}")
+    if n_random < 1 or max_new_tokens < 1:
+        raise EmolensError("need n_random >= 1 and max_new_tokens >= 1")
     randoms = [f"{RANDOM_PREFIX}{seed}" for seed in range(n_random)]
     names = emotions + randoms
     units = torch.stack([direction(bank, name, layer, variant).float() for name in names])
@@ -218,7 +220,7 @@ def evaluate_steering(
     perplexity, examples = _perplexity(
         lm, layer, norm, units, names, strengths, generation_prompts, max_new_tokens
     )
-    ratio = [p / perplexity["unsteered"] for p in perplexity["emotions"]]
+    ratio = _floats(torch.tensor(perplexity["emotions"]) / perplexity["unsteered"])
     degraded = [s for s, r in zip(strengths, ratio, strict=True) if r > degrade_factor]
     return {
         "model": lm.name,
@@ -398,7 +400,6 @@ def plot_steering(result: dict, path: str | Path) -> Path:
     quality.plot(strengths, [p / base for p in ppl["random"]], marker="o", ls="--",
                  color="#7f7f7f", label="random directions")  # fmt: skip
     quality.axhline(result["degrade_factor"], color="#d62728", lw=0.8, ls=":")
-    quality.set_yscale("log")
     quality.set_xlabel("steering strength")
     quality.set_ylabel("perplexity / unsteered")
     degrades = result["degrades_at"]

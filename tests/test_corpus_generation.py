@@ -7,8 +7,7 @@ import torch
 
 from emolens import concepts, corpus
 from emolens.cli import main
-from emolens.errors import EmolensError
-from emolens.generate import (
+from emolens.corpus_generation import (
     REASONS,
     DuplicateIndex,
     LocalBackend,
@@ -18,6 +17,7 @@ from emolens.generate import (
     pick_topics,
     prompt,
 )
+from emolens.errors import EmolensError
 
 EMOTIONS = ["afraid", "at ease"]
 VOCAB = (
@@ -123,9 +123,8 @@ def test_filter_keeps_the_good_stories_and_counts_reasons(tmp_path, fake):
     tally = run(fake, out, heldout_topics=[1])
     records, problems = corpus.read_records(out)
     assert problems == []
-    expected = {
-        (e, t): fake.good(e, t) for e in EMOTIONS for t in concepts.topics()[:2]
-    }  # two kept per pair
+    # items 1 and 5 of each reply are kept; 2-4 and 6 are rejected, one per reason
+    expected = {(e, t): fake.good(e, t) for e in EMOTIONS for t in concepts.topics()[:2]}
     kept = {}
     for r in records:
         kept.setdefault((r.emotion, r.topic), []).append(r.text)
@@ -221,19 +220,34 @@ def test_selection_errors():
 def test_cli_rejects_bad_options_before_loading_a_model(tmp_path, capsys):
     assert main(["corpus", "generate", "--emotions", "glad", "--out", str(tmp_path / "x")]) == 2
     assert "unknown emotion" in capsys.readouterr().err
+    bad = ["--heldout-topics", "999", "--out", str(tmp_path / "x")]
+    assert main(["corpus", "generate", *bad]) == 2
+    assert "out of range" in capsys.readouterr().err
+
+
+def test_bad_output_paths_and_options_are_errors(tmp_path, fake):
+    with pytest.raises(EmolensError, match="is a directory"):
+        run(fake, tmp_path)
+    with pytest.raises(EmolensError, match="per_topic must be at least 1"):
+        run(fake, tmp_path / "gen.jsonl", per_topic=0)
+    (tmp_path / "bad.jsonl").write_text('{"id": "x"}\nnot json\n{"id": "y"}\n')
+    with pytest.raises(EmolensError, match="bad.jsonl:2: malformed JSON"):
+        run(fake, tmp_path / "bad.jsonl")
+    assert fake.asked == []
 
 
 @pytest.mark.slow
 def test_cli_generates_with_the_embedded_model(embedded, tmp_path, capsys):
     out = tmp_path / "gen.jsonl"
     options = ["--emotions", "afraid,calm", "--topics", "0,1", "--per-topic", "1"]
-    options += ["--max-new-tokens", "96", "--batch-size", "4", "--out", str(out)]
+    options += ["--max-new-tokens", "80", "--batch-size", "4", "--out", str(out)]
     assert main(["corpus", "generate", *options]) == 0
     printed = capsys.readouterr().out
     records, problems = corpus.read_records(out)
     assert problems == [] and corpus.validate(records) == []
     banned = concepts.forbidden()
-    assert all(r.source == embedded.name and not corpus.leaks(r.text, banned[r.emotion]) for r in records)  # fmt: skip
+    for r in records:
+        assert r.source == embedded.name and not corpus.leaks(r.text, banned[r.emotion])
     done = [json.loads(line) for line in out.with_name("gen.jsonl.done").read_text().splitlines()]
     assert len(done) == 4 and sum(d["kept"] for d in done) == len(records)
     numbers = dict(re.findall(r"(pairs done|parsed|kept|rejected): (\d+)", printed))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol, TextIO
 from tqdm.auto import tqdm
 
 from emolens import concepts
+from emolens.atomic import atomic_path
 from emolens.corpus import NEAR_DUPLICATE, WORD_RANGE, Record, leaks, shingles
 from emolens.errors import EmolensError
 
@@ -31,7 +31,11 @@ if TYPE_CHECKING:
 REASONS = ("leak", "length", "duplicate", "unparsable")
 ID_PREFIX = "gen-"
 TOKENS_PER_STORY = 200  # default generation budget per requested story
-_MARKER = re.compile(r"^[ \t>#*_]*(?:story[ \t]*)?(\d{1,2})(?:[ \t]*[.):\-–—]|\*\*|[ \t]*$)", re.I | re.M)  # fmt: skip
+_MARKER = re.compile(
+    r"^[ \t>#*_]*(?:story[ \t]*)?(\d{1,2})"  # markdown, an optional "Story", the number
+    r"(?:[ \t]*[.):\-–—]|\*\*|[ \t]*$)",  # then punctuation, a closing "**" or the line end
+    re.I | re.M,
+)
 _BOLD_TITLE = re.compile(r"^\s*(\*\*|__)[^*_\n]{1,80}?\1[ \t]*[:.\-–—]?")
 _SENTENCE_END = tuple(".!?\"')”’")
 
@@ -107,32 +111,26 @@ class LocalBackend:
 def prompt(emotion: str, topic: str, count: int) -> list[dict]:
     """The chat that asks for `count` stories about `topic` in which a character feels
     `emotion`, conveyed only indirectly."""
-    stories = "one story" if count == 1 else f"{count} different stories"
-    person = (
-        'Write it in the first person ("I") or the third person.'
-        if count == 1
-        else 'Use the first person ("I") in some stories and the third person in others.'
-    )
-    numbering = (
-        'Start the story with "1." and write nothing else'
-        if count == 1
-        else f'Number the stories "1." to "{count}." and write nothing else'
-    )
-    return [
-        {
-            "role": "user",
-            "content": (
-                f"Write {stories} about {topic}. In each story, a character feels {emotion}.\n"
-                "- Each story is a single paragraph of 60 to 130 words.\n"
-                f'- Never write "{emotion}" or any synonym of it. Show the feeling only through '
-                "what the character does, how their body reacts, what they say and what they "
-                "think.\n"
-                f"- {person}\n"
-                "- Give every story its own character, situation and wording.\n"
-                f"- {numbering}: no titles, no comments."
-            ),
-        }
+    if count == 1:
+        ask, each = "one story", "the story"
+        rules = ['Write it in the first person ("I") or the third person.']
+        numbering = 'Start the story with "1."'
+    else:
+        ask, each = f"{count} different stories", "each story"
+        rules = [
+            'Use the first person ("I") in some stories and the third person in others.',
+            "Give every story its own character, situation and wording.",
+        ]
+        numbering = f'Number the stories "1." to "{count}."'
+    rules = [
+        f"{each.capitalize()} is a single paragraph of 60 to 130 words.",
+        f'Never write "{emotion}" or any synonym of it. Show the feeling only through what the '
+        "character does, how their body reacts, what they say and what they think.",
+        *rules,
+        f"{numbering} and write nothing else: no titles, no comments.",
     ]
+    content = f"Write {ask} about {topic}. In {each}, a character feels {emotion}.\n"
+    return [{"role": "user", "content": content + "\n".join(f"- {rule}" for rule in rules)}]
 
 
 def parse_stories(reply: str) -> list[str | None]:
@@ -282,9 +280,9 @@ def generate(
     backend: Backend,
     out: str | os.PathLike,
     *,
-    emotions: Sequence[str] | None = None,
-    topics: Sequence[int] | None = None,
-    heldout_topics: Iterable[int] = (),
+    emotions: str | Sequence[str] | None = None,
+    topics: str | Sequence[int | str] | None = None,
+    heldout_topics: str | Sequence[int | str] = (),
     per_topic: int = 4,
     max_new_tokens: int | None = None,
     temperature: float = 0.8,
@@ -294,10 +292,11 @@ def generate(
 ) -> Tally:
     """Have `backend` write stories for every emotion x topic pair not yet done in `out`.
 
-    Kept stories are appended to `out` (JSONL records, kind "story", split "heldout" for
+    Emotions and topics are as `pick_emotions` and `pick_topics` take them (None: all). Kept
+    stories are appended to `out` (JSONL records, kind "story", split "heldout" for
     `heldout_topics`, else "train", source `backend.name`) and each finished pair to
-    `out.done`. Records of pairs missing from `out.done` (left by a crash) are removed first.
-    `batch_size` prompts are sent to the backend together; `max_new_tokens` defaults to
+    `out.done`. Generated records (ids starting with ID_PREFIX) of pairs missing from
+    `out.done` (left by a crash) are removed first; other lines are kept. `batch_size` prompts are sent to the backend together; `max_new_tokens` defaults to
     TOKENS_PER_STORY per requested story.
     """
     emotions = pick_emotions(emotions)
@@ -309,10 +308,12 @@ def generate(
     if temperature < 0:
         raise EmolensError(f"temperature must be at least 0, got {temperature}")
     max_new_tokens = max_new_tokens or TOKENS_PER_STORY * per_topic
-    heldout = set(heldout_topics)
+    heldout = set(pick_topics(heldout_topics)) if heldout_topics else set()
     names = concepts.topics()
 
     out = Path(out)
+    if out.is_dir():
+        raise EmolensError(f"{out}: is a directory; give the output .jsonl file")
     out.parent.mkdir(parents=True, exist_ok=True)
     done_path = out.with_name(out.name + ".done")
     finished = _read_done(done_path)
@@ -420,11 +421,5 @@ def _recover(out: Path, finished: set[tuple[str, str]]) -> list[str]:
 
 def _rewrite(path: Path, lines: list[str]) -> None:
     """Replace a file's lines atomically (a temporary file beside it, then a rename)."""
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            _append(file, lines)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.unlink(staging)
+    with atomic_path(path) as staging, open(staging, "w", encoding="utf-8") as file:
+        _append(file, lines)
