@@ -75,3 +75,17 @@ def embedded_bank(embedded, tmp_path_factory):
     out = tmp_path_factory.mktemp("embedded-bank")
     return build(embedded, Corpus(stories + neutral), layers=[embedded.default_layer()], out=out,
                  progress=False)  # fmt: skip
+
+
+def save_for_cli(folder, tiny: LoadedModel, make_bank):
+    """`tiny` saved as a model directory and reloaded from it, plus the bank `make_bank(lm)`
+    saved beside it: returns (lm, bank, the CLI's --model/--bank arguments)."""
+    from emolens.models import load_model
+
+    tiny.model.save_pretrained(folder / "model")
+    tiny.tokenizer.save_pretrained(folder / "model")
+    lm = load_model(folder / "model")
+    bank = make_bank(lm)
+    bank.model = lm.fingerprint
+    bank.save(folder / "bank.safetensors")
+    return lm, bank, ["--model", str(folder / "model"), "--bank", str(folder / "bank.safetensors")]

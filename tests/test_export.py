@@ -17,6 +17,7 @@ from emolens.export import (
     write_gguf,
 )
 from emolens.steer import emotion_vectors, steer, steer_vectors
+from tests.conftest import save_for_cli
 
 EMOTIONS = ["calm", "sad", "happy", "at ease"]
 
@@ -115,16 +116,14 @@ def test_foreign_gguf_without_metadata_loads(tmp_path):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tiny):
     """The tiny model saved as a local directory, and a bank file made for it."""
-    from emolens.models import load_model
-
     root = tmp_path_factory.mktemp("tiny")
-    tiny.model.save_pretrained(root / "model")
-    tiny.tokenizer.save_pretrained(root / "model")
-    lm = load_model(root / "model")
-    bank = random_bank(EMOTIONS, list(range(lm.depth)), lm.width, norm=2.0)
-    bank.meta["default_layer"] = 2
-    bank.model = lm.fingerprint
-    bank.save(root / "bank.safetensors")
+
+    def make_bank(lm):
+        bank = random_bank(EMOTIONS, list(range(lm.depth)), lm.width, norm=2.0)
+        bank.meta["default_layer"] = 2
+        return bank
+
+    lm, bank, _ = save_for_cli(root, tiny, make_bank)
     return root, lm, bank
 
 

@@ -11,7 +11,7 @@ from emolens.bank import random_bank
 from emolens.capture import residuals
 from emolens.cli import main
 from emolens.errors import EmolensError
-from emolens.models import load_model, plain_chat, wrap_model
+from emolens.models import plain_chat, wrap_model
 from emolens.read import (
     Readout,
     check_messages,
@@ -25,7 +25,7 @@ from emolens.read import (
     shipped_transcripts,
 )
 
-from .conftest import byte_tokenizer, tiny_llama
+from .conftest import byte_tokenizer, save_for_cli, tiny_llama
 
 EMOTIONS = (Path(__file__).parents[1] / "src/emolens/data/emotions.txt").read_text().splitlines()
 # SmolLM2's template: it injects a default system prompt when the chat has none.
@@ -326,14 +326,10 @@ def test_shipped_agent_transcript():
 def cli_files(tmp_path_factory):
     """A tiny model saved to disk and a bank built for it."""
     folder = tmp_path_factory.mktemp("cli")
-    tiny = tiny_llama()
-    tiny.model.save_pretrained(folder / "model")
-    tiny.tokenizer.save_pretrained(folder / "model")
-    bank = bank_for(load_model(folder / "model"))
-    bank.save(folder / "bank.safetensors")
+    _, _, args = save_for_cli(folder, tiny_llama(), bank_for)
     chat = folder / "chat.json"
     chat.write_text(json.dumps(TRICKY))
-    return ["--model", str(folder / "model"), "--bank", str(folder / "bank.safetensors")], chat
+    return args, chat
 
 
 class _Tags(HTMLParser):

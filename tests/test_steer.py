@@ -17,6 +17,7 @@ from emolens.steer import (
     steer,
     steer_vectors,
 )
+from tests.conftest import save_for_cli
 
 LAYER = 1
 EMOTIONS = ["calm", "desperate", "happy", "sad"]
@@ -326,17 +327,13 @@ def test_steering_happy_favours_happy_over_sad(embedded, embedded_bank):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tiny):
     """The tiny model saved as a local directory, and a bank file made for it."""
-    from emolens.models import load_model
 
-    root = tmp_path_factory.mktemp("tiny")
-    tiny.model.save_pretrained(root / "model")
-    tiny.tokenizer.save_pretrained(root / "model")
-    lm = load_model(root / "model")
-    bank = random_bank(EMOTIONS, list(range(lm.depth)), lm.width, norm=3.0)
-    bank.meta["default_layer"] = LAYER
-    bank.model = lm.fingerprint
-    bank.save(root / "bank.safetensors")
-    return ["--model", str(root / "model"), "--bank", str(root / "bank.safetensors")]
+    def make_bank(lm):
+        bank = random_bank(EMOTIONS, list(range(lm.depth)), lm.width, norm=3.0)
+        bank.meta["default_layer"] = LAYER
+        return bank
+
+    return save_for_cli(tmp_path_factory.mktemp("tiny"), tiny, make_bank)[2]
 
 
 def test_cli_steer(saved, capsys):

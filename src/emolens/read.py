@@ -22,6 +22,7 @@ import torch
 from emolens.bank import EmotionBank
 from emolens.capture import block_output, check_layers, residuals, special_ids
 from emolens.errors import EmolensError
+from emolens.figures import save_figure
 from emolens.models import LoadedModel
 
 ROLES = ("system", "user", "assistant")
@@ -715,11 +716,7 @@ def plot_trajectory(
     axes.set_ylabel(f"mean projection, layer {readout.layer}")
     axes.legend(fontsize=8)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=120)
 
 
 TRANSCRIPTS = Path(__file__).parent / "data" / "transcripts"

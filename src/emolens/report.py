@@ -37,6 +37,7 @@ from emolens.evaluate.baseline import baseline_bank
 from emolens.evaluate.intensity import filled, score_templates
 from emolens.evaluate.logit_lens import logit_lens
 from emolens.evaluate.scenarios import last_token_states, project, score_scenarios
+from emolens.figures import save_figure
 from emolens.models import LoadedModel
 from emolens.read import resolve_layer
 
@@ -418,11 +419,6 @@ def draw_figures(report: dict, out: Path) -> dict[str, Path]:
     return drawn
 
 
-def _save(figure: Any, path: Path, dpi: int = 110) -> Path:
-    figure.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
-
-
 def figure_accuracy(section: dict, path: Path) -> Path:
     """Held-out accuracy across layers: raw, denoised, word baseline, chance."""
     from matplotlib.figure import Figure
@@ -452,7 +448,7 @@ def figure_accuracy(section: dict, path: Path) -> Path:
         axes.grid(alpha=0.3)
     figure.axes[0].set_ylabel("held-out accuracy")
     figure.axes[0].legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def figure_similarity(part: dict, path: Path) -> Path:
@@ -476,7 +472,7 @@ def figure_similarity(part: dict, path: Path) -> Path:
             label.set_fontweight("bold")
     axes.set_title("cosine similarity of the emotion vectors (clustered order)")
     figure.colorbar(image, ax=axes, fraction=0.03)
-    return _save(figure, path, dpi=150)
+    return save_figure(figure, path, dpi=150)
 
 
 def _scatter(axes: Any, part: dict, title: str) -> Any:
@@ -516,7 +512,7 @@ def figure_pca(geometry: dict, path: Path) -> Path:
     points = _scatter(left, geometry["vectors"], "emotion vectors")
     _scatter(right, geometry["baseline"], "word-embedding baseline")
     figure.colorbar(points, ax=[left, right], fraction=0.02, label="valence rating (1-7)")
-    return _save(figure, path, dpi=120)
+    return save_figure(figure, path, dpi=120)
 
 
 def figure_rsa(rsa: dict, path: Path) -> Path:
@@ -539,7 +535,7 @@ def figure_rsa(rsa: dict, path: Path) -> Path:
     axes.set_ylabel("layer")
     axes.set_title("similarity structure across layers (r)")
     figure.colorbar(image, ax=axes, fraction=0.046)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def figure_scenarios(section: dict, path: Path) -> Path:
@@ -573,7 +569,7 @@ def figure_scenarios(section: dict, path: Path) -> Path:
                     f"({by['diagonal_first']}/{len(by['rows'])} "
                     "rows peak on the diagonal)", fontsize=10)  # fmt: skip
     figure.colorbar(image, ax=right, fraction=0.046, label="projection")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _box(x: int, y: int) -> Any:
@@ -611,7 +607,7 @@ def figure_intensity(section: dict, path: Path) -> Path:
         axes.set_visible(False)
     figure.supylabel("score change from the first value")
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 # ---------------------------------------------------------------- HTML

@@ -25,6 +25,7 @@ import torch
 
 from emolens.bank import EmotionBank
 from emolens.errors import EmolensError
+from emolens.figures import save_figure
 from emolens.models import LoadedModel
 from emolens.read import cache_keyword, eos_ids, logits_options, resolve_layer
 from emolens.steer import RANDOM_PREFIX, direction, steer_vectors
@@ -409,8 +410,4 @@ def plot_steering(result: dict, path: str | Path) -> Path:
     quality.legend(fontsize=8)
     figure.suptitle(f"{result['model']}: steering at layer {result['layer']}", fontsize=11)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
