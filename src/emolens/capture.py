@@ -120,7 +120,7 @@ def tokenize(lm: LoadedModel, texts: Sequence[str]) -> list[list[int]]:
     if len(texts) == 0:
         raise EmolensError("no texts to capture")
     ids = lm.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-    limit = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
+    limit = lm.context_limit
     for i, row in enumerate(ids):
         if not row:
             raise EmolensError(f"text {i} is empty")

@@ -155,6 +155,11 @@ class LoadedModel:
         return int(self.model.config.get_text_config().hidden_size)
 
     @property
+    def context_limit(self) -> int | None:
+        """The longest input in tokens (max_position_embeddings), if the config gives one."""
+        return getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

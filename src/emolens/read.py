@@ -199,15 +199,10 @@ def resolve_layer(lm: LoadedModel, bank: EmotionBank, layer: int | None) -> int:
     return layer
 
 
-def context_limit(lm: LoadedModel) -> int | None:
-    """The model's context length (max_position_embeddings), if its config gives one."""
-    return getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
-
-
 def _check_length(lm: LoadedModel, n: int, what: str = "input") -> None:
     if n == 0:
         raise EmolensError("nothing to read: the input is empty")
-    limit = context_limit(lm)
+    limit = lm.context_limit
     if limit and n > limit:
         raise EmolensError(f"{what} has {n} tokens; {lm.name} reads at most {limit}")
 

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from emolens.capture import special_ids
 from emolens.models import LoadedModel
 
 FINAL_NORMS = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "final_norm")
@@ -44,7 +45,7 @@ def logit_lens(lm: LoadedModel, units: torch.Tensor, emotions: list[str], k: int
             - norm(torch.zeros_like(directions[:1]).to(_dtype(norm))).float()
         )
     logits = directions @ weight.T
-    special = [i for i in lm.tokenizer.all_special_ids if i < logits.shape[1]]
+    special = [int(i) for i in special_ids(lm.tokenizer) if i < logits.shape[1]]
     top_logits, bottom_logits = logits.clone(), logits.clone()
     top_logits[:, special], bottom_logits[:, special] = -math.inf, math.inf
     k = min(k, logits.shape[1] - len(special))
