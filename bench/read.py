@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from emolens.read import cache_keyword, eos_ids, generate, logits_options, pick, render
 
 from emolens.bank import EmotionBank, default_bank_path, random_bank
 from emolens.models import wrap_model
-from emolens.read import cache_keyword, eos_ids, generate, logits_options, pick, render
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 EMOTIONS = Path(__file__).parents[1] / "src/emolens/data/emotions.txt"
@@ -80,7 +80,7 @@ def main() -> None:
         bank, kind = EmotionBank.load(path), f"bank {path}"
     else:
         bank = random_bank(EMOTIONS.read_text().splitlines(), list(range(lm.depth)), lm.width)
-        bank.meta["default_layer"] = lm.default_layer()
+        bank.default_layer = lm.default_layer()
         kind = "random bank (no built bank found)"
     messages = [{"role": "user", "content": PROMPT}]
     ids = render(lm, messages, add_generation_prompt=True).ids

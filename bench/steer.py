@@ -38,7 +38,7 @@ def main() -> None:
         bank, kind = EmotionBank.load(path), f"bank {path}"
     else:
         bank = random_bank(emotions(), list(range(lm.depth)), lm.width, norm=170.0)
-        bank.meta["default_layer"] = lm.default_layer()
+        bank.default_layer = lm.default_layer()
         kind = "random bank (no built bank found)"
     text = lm.format_chat([{"role": "user", "content": PROMPT}])
     inputs = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(lm.device)

@@ -65,7 +65,7 @@ def embedded() -> LoadedModel:
 @pytest.fixture(scope="session")
 def embedded_bank(embedded, tmp_path_factory):
     """A real bank of the embedded model for the 12 showcase emotions: the full recipe, in small."""
-    from emolens.build import build
+    from emolens.build import Recipe, build
     from emolens.concepts import showcase
     from emolens.corpus import Corpus, load
 
@@ -73,8 +73,8 @@ def embedded_bank(embedded, tmp_path_factory):
     stories = [r for r in records if r.kind == "story" and r.emotion in showcase()]
     neutral = [r for r in records if r.kind == "neutral"][:60]
     out = tmp_path_factory.mktemp("embedded-bank")
-    return build(embedded, Corpus(stories + neutral), layers=[embedded.default_layer()], out=out,
-                 progress=False)  # fmt: skip
+    recipe = Recipe(layers=(embedded.default_layer(),))
+    return build(embedded, Corpus(stories + neutral), recipe, out=out, progress=False)
 
 
 def save_for_cli(folder, tiny: LoadedModel, make_bank):
@@ -86,6 +86,6 @@ def save_for_cli(folder, tiny: LoadedModel, make_bank):
     tiny.tokenizer.save_pretrained(folder / "model")
     lm = load_model(folder / "model")
     bank = make_bank(lm)
-    bank.model = lm.fingerprint
+    bank.model = dict(lm.fingerprint)
     bank.save(folder / "bank.safetensors")
     return lm, bank, ["--model", str(folder / "model"), "--bank", str(folder / "bank.safetensors")]

@@ -51,8 +51,9 @@ def test_planted_directions_are_recovered_and_neutral_direction_removed():
     state.neutral.update(0, neutral + 0.05 * torch.randn(500, d, generator=g, dtype=torch.float64))
     state.norm_sum += 10.0
     state.norm_count += 1
+    state.pooled_tokens += 100
     lm = SimpleNamespace(fingerprint={"name": "synthetic"}, default_layer=lambda: 5)
-    bank = _finish(lm, state, Recipe(layers=[5]), Corpus([]), key="k")
+    bank = _finish(lm, state, Recipe(layers=(5,)), Corpus([]), key="k")
     assert bank.meta["denoising"]["components"] == [1]
     expected = planted - planted.mean(0)
     cos = torch.nn.functional.cosine_similarity(
@@ -70,7 +71,7 @@ def test_planted_directions_are_recovered_and_neutral_direction_removed():
 def test_build_on_a_tiny_model(tmp_path):
     lm = tiny_llama(context=1024)
     corpus = subset(["afraid", "angry", "calm", "happy"])
-    bank = build(lm, corpus, layers=[1, 3], out=tmp_path, progress=False)
+    bank = build(lm, corpus, Recipe(layers=(1, 3)), out=tmp_path, progress=False)
     assert bank.emotions == ["afraid", "angry", "calm", "happy"]
     assert bank.vectors["denoised"].shape == (2, 4, lm.width)
     assert torch.isfinite(bank.mean_norm).all() and (bank.mean_norm > 0).all()
@@ -80,7 +81,7 @@ def test_build_on_a_tiny_model(tmp_path):
     held = load_file(str(tmp_path / "heldout.safetensors"))
     assert held["pooled"].shape == (12, 2, lm.width)
     # the same build again reuses the bank on disk
-    again = build(lm, corpus, layers=[1, 3], out=tmp_path, progress=False)
+    again = build(lm, corpus, Recipe(layers=(1, 3)), out=tmp_path, progress=False)
     assert again.meta["build"] == bank.meta["build"]
     assert not (tmp_path / ".checkpoint.safetensors").exists()
     EmotionBank.load(tmp_path / "bank.safetensors").check_against(lm)

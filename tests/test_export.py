@@ -10,13 +10,8 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from emolens.bank import random_bank
 from emolens.cli import main
 from emolens.errors import EmolensError
-from emolens.export import (
-    control_vector_metadata,
-    export_control_vector,
-    load_control_vector,
-    write_gguf,
-)
-from emolens.steer import emotion_vectors, steer, steer_vectors
+from emolens.steer import SteeringVector, steer, steer_vectors
+from emolens.vector_io import write_gguf
 from tests.conftest import save_for_cli
 
 EMOTIONS = ["calm", "sad", "happy", "at ease"]
@@ -25,9 +20,21 @@ EMOTIONS = ["calm", "sad", "happy", "at ease"]
 @pytest.fixture(scope="module")
 def bank(tiny):
     bank = random_bank(EMOTIONS, list(range(tiny.depth)), tiny.width, norm=2.5, seed=4)
-    bank.meta["default_layer"] = 2
-    bank.model = tiny.fingerprint
+    bank.default_layer = 2
+    bank.model = dict(tiny.fingerprint)
     return bank
+
+
+def emotion_vectors(bank, strengths, layers=None, variant="denoised"):
+    return bank.steering(strengths, layers, variant=variant).vectors
+
+
+def load_control_vector(path):
+    return SteeringVector.load(path).vectors
+
+
+def control_vector_metadata(path):
+    return SteeringVector.load(path).meta
 
 
 def field(reader, key):
@@ -36,13 +43,13 @@ def field(reader, key):
 
 def test_gguf_is_a_llama_cpp_control_vector(tiny, bank, tmp_path):
     strengths = {"calm": 0.5, "sad": -0.2}
-    path = export_control_vector(tiny, bank, strengths, tmp_path / "calm.gguf", layers=[1, 3])
+    path = bank.steering(strengths, [1, 3]).save(tmp_path / "calm.gguf")
     reader = GGUFReader(str(path))
     assert field(reader, "general.architecture") == "controlvector"
     assert field(reader, "controlvector.model_hint") == "llama"
     assert field(reader, "controlvector.layer_count") == 2
     assert sorted(t.name for t in reader.tensors) == ["direction.1", "direction.3"]
-    want = emotion_vectors(tiny, bank, strengths, [1, 3])
+    want = emotion_vectors(bank, strengths, [1, 3])
     for tensor in reader.tensors:
         assert tensor.tensor_type == GGMLQuantizationType.F32
         assert tensor.n_elements == tiny.width and len(tensor.shape) == 1
@@ -58,22 +65,21 @@ def test_gguf_is_a_llama_cpp_control_vector(tiny, bank, tmp_path):
 
 @pytest.mark.parametrize("suffix", ["npz", "safetensors"])
 def test_arrays_round_trip_with_metadata(tiny, bank, tmp_path, suffix):
-    path = export_control_vector(
-        tiny, bank, {"at ease": 1.0}, tmp_path / f"v.{suffix}", scale=0.1, variant="raw"
-    )
+    vector = 0.1 * bank.steering({"at ease": 1.0}, variant="raw")
+    path = vector.save(tmp_path / f"v.{suffix}")
     vectors = load_control_vector(path)
-    want = emotion_vectors(tiny, bank, {"at ease": 0.1}, variant="raw")
+    want = emotion_vectors(bank, {"at ease": 0.1}, variant="raw")
     assert list(vectors) == [2] and torch.allclose(vectors[2], want[2], atol=1e-6)
     assert float(vectors[2].norm()) == pytest.approx(0.1 * bank.norm_at(2), rel=1e-5)
     meta = control_vector_metadata(path)
-    assert meta["emotions"] == {"at ease": pytest.approx(0.1)} and meta["scale"] == 0.1
+    assert meta["emotions"] == {"at ease": pytest.approx(0.1)}
     assert meta["layers"] == [2] and meta["variant"] == "raw"
-    assert meta["norms"] == {"2": pytest.approx(2.5)}
+    assert meta["norms"]["2"] == pytest.approx(2.5)
     assert meta["model"] == tiny.fingerprint
 
 
 def test_a_loaded_vector_steers_like_the_bank(tiny, bank, tmp_path):
-    path = export_control_vector(tiny, bank, {"happy": 0.3}, tmp_path / "h.gguf", layers=[1, 2])
+    path = bank.steering({"happy": 0.3}, [1, 2]).save(tmp_path / "h.gguf")
     ids = torch.randint(3, 200, (1, 6))
     with torch.inference_mode():
         with steer(tiny, bank, {"happy": 0.3}, layers=[1, 2]):
@@ -85,11 +91,11 @@ def test_a_loaded_vector_steers_like_the_bank(tiny, bank, tmp_path):
 
 def test_export_errors(tiny, bank, tmp_path):
     with pytest.raises(EmolensError, match="block 0"):
-        export_control_vector(tiny, bank, {"calm": 1.0}, tmp_path / "a.gguf", layers=[0])
+        bank.steering({"calm": 1.0}, [0]).save(tmp_path / "a.gguf")
     with pytest.raises(EmolensError, match="unknown export format"):
-        export_control_vector(tiny, bank, {"calm": 1.0}, tmp_path / "a.txt")
-    with pytest.raises(EmolensError, match="nothing to export"):
-        export_control_vector(tiny, bank, {}, tmp_path / "a.gguf")
+        bank.steering({"calm": 1.0}).save(tmp_path / "a.txt")
+    with pytest.raises(EmolensError, match="no emotions"):
+        bank.steering({})
     with pytest.raises(EmolensError, match="no such"):
         load_control_vector(tmp_path / "missing.gguf")
     foreign = tmp_path / "model.gguf"
@@ -120,7 +126,7 @@ def saved(tmp_path_factory, tiny):
 
     def make_bank(lm):
         bank = random_bank(EMOTIONS, list(range(lm.depth)), lm.width, norm=2.0)
-        bank.meta["default_layer"] = 2
+        bank.default_layer = 2
         return bank
 
     lm, bank, _ = save_for_cli(root, tiny, make_bank)
@@ -137,7 +143,7 @@ def test_cli_export(saved, tmp_path, capsys):
     )  # fmt: skip
     assert code == 0 and "wrote" in capsys.readouterr().err
     vectors = load_control_vector(out)
-    want = emotion_vectors(lm, bank, {"calm": 0.2, "sad": -0.1}, [1, 3])
+    want = emotion_vectors(bank, {"calm": 0.2, "sad": -0.1}, [1, 3])
     assert sorted(vectors) == [1, 3]
     assert all(torch.allclose(vectors[k], want[k], atol=1e-6) for k in (1, 3))
     flat = tmp_path / "flat.npz"

@@ -2,8 +2,9 @@ import pytest
 import torch
 import transformers as tf
 
+from emolens.chat import plain_chat
 from emolens.errors import EmolensError
-from emolens.models import find_layers, load_model, plain_chat, wrap_model
+from emolens.models import find_layers, load_model, wrap_model
 
 from .conftest import byte_tokenizer
 

@@ -9,21 +9,12 @@ import torch
 
 from emolens.bank import random_bank
 from emolens.capture import residuals
+from emolens.chat import check_messages, load_chat, plain_chat, render, shipped_transcripts
 from emolens.cli import main
 from emolens.errors import EmolensError
-from emolens.models import plain_chat, wrap_model
-from emolens.read import (
-    Readout,
-    check_messages,
-    ends_sentence,
-    generate,
-    load_chat,
-    pick,
-    project,
-    read,
-    render,
-    shipped_transcripts,
-)
+from emolens.generation import pick
+from emolens.models import wrap_model
+from emolens.readout import Readout, ends_sentence, generate, read, score
 
 from .conftest import byte_tokenizer, save_for_cli, tiny_llama
 
@@ -251,8 +242,10 @@ def logit_bias(lm, token, value):
 
 def _offline(lm, bank, messages, tokens, layer=None):
     prompt = render(lm, messages, add_generation_prompt=True).ids
-    projection, _ = project(lm, bank, prompt + [t.id for t in tokens], layer=layer)
-    return projection[len(prompt) :], len(prompt)
+    layer = bank.default_layer if layer is None else layer
+    ids = torch.tensor([prompt + [t.id for t in tokens]])
+    states = residuals(lm, ids, torch.ones_like(ids), [layer])[layer][0]
+    return score(states, bank, layer).cpu()[len(prompt) :], len(prompt)
 
 
 def test_streamed_readout_equals_offline(tiny):

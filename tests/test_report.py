@@ -19,9 +19,14 @@ from emolens.evaluate import geometry as geo
 from emolens.evaluate.baseline import baseline_bank, word_vectors
 from emolens.evaluate.intensity import met, score_templates, spearman
 from emolens.evaluate.logit_lens import final_norm, logit_lens
-from emolens.evaluate.scenarios import last_token_states, prompt_ids, rank, score_scenarios
+from emolens.evaluate.scenarios import last_token_states, rank, score_scenarios
 from emolens.report import clean, headline_text, write_report
 from tests.conftest import byte_tokenizer, tiny_llama
+
+
+def prompt_ids(lm, text):
+    return lm.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+
 
 LAYERS = [1, 2]
 SECTIONS = ("accuracy", "geometry", "logit_lens", "scenarios", "intensity", "steering")
@@ -33,7 +38,7 @@ def make_bank(lm, seed=0, emotions=None):
     emotions = emotions or concepts.emotions()
     bank = random_bank(emotions, LAYERS, lm.width, norm=3.0, seed=seed)
     bank.model = dict(lm.fingerprint)
-    bank.meta["default_layer"] = 2
+    bank.default_layer = 2
     return bank
 
 

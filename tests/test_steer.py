@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from emolens.bank import random_bank
-from emolens.capture import hooked
+from emolens.capture import hooks
 from emolens.errors import EmolensError
 from emolens.steer import (
-    emotion_vectors,
+    MAX_STRENGTH,
+    SteeringVector,
     parse_strengths,
     random_direction,
     steer,
@@ -26,9 +27,13 @@ EMOTIONS = ["calm", "desperate", "happy", "sad"]
 @pytest.fixture(scope="module")
 def bank(tiny):
     bank = random_bank(EMOTIONS, list(range(tiny.depth)), tiny.width, norm=3.0, seed=1)
-    bank.meta["default_layer"] = LAYER
-    bank.model = tiny.fingerprint
+    bank.default_layer = LAYER
+    bank.model = dict(tiny.fingerprint)
     return bank
+
+
+def emotion_vectors(bank, emotions, layers=None, variant="denoised"):
+    return bank.steering(emotions, layers, variant=variant, allow_strong=True).vectors
 
 
 def hidden(lm, ids, mask=None, layer=LAYER):
@@ -103,15 +108,13 @@ def decode(lm, ids, mask, steps):
     """Cached greedy decoding with a 2D mask, as model.generate does: the block output of
     every new position at LAYER, and the whole token sequence."""
     outputs = []
-    with torch.inference_mode(), hooked(lm, [LAYER], stop=False) as store:
+    with torch.inference_mode(), hooks(lm, {LAYER: outputs.append}):
         out = lm.model(input_ids=ids, attention_mask=mask, use_cache=True)
-        outputs.append(store[LAYER])
         for _ in range(steps):
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, token], 1)
             mask = torch.cat([mask, torch.ones_like(token)], 1)
             out = lm.model(input_ids=token, attention_mask=mask, cache=out.cache, use_cache=True)
-            outputs.append(store[LAYER])
     return torch.cat(outputs, 1), ids, mask
 
 
@@ -165,7 +168,7 @@ def test_model_generate_with_steering(tiny):
 
 def test_several_emotions_and_layers(tiny, bank):
     emotions = {"calm": 0.5, "sad": -0.25, "random:7": 0.1}
-    vectors = emotion_vectors(tiny, bank, emotions, layers=[1, 2])
+    vectors = emotion_vectors(bank, emotions, layers=[1, 2])
     for layer, vector in vectors.items():
         want = bank.norm_at(layer) * (
             0.5 * bank.vector("calm", layer)
@@ -177,7 +180,7 @@ def test_several_emotions_and_layers(tiny, bank):
     base = [hidden(tiny, ids, layer=k) for k in (1, 2)]
     with steer(tiny, bank, emotions, layers=[1, 2]) as used:
         after1 = hidden(tiny, ids, layer=1)
-    assert sorted(used) == [1, 2]
+    assert used.layers == [1, 2] and used.strengths == emotions
     assert torch.allclose(after1 - base[0], vectors[1].expand(1, 5, -1), atol=1e-5)
     # layer 2 gets its own vector on top of layer 1's downstream effect
     with steer(tiny, bank, emotions, layers=[1]):
@@ -188,7 +191,7 @@ def test_several_emotions_and_layers(tiny, bank):
 
 
 def test_default_layer_and_strength_units(tiny, bank):
-    (layer, vector), *rest = emotion_vectors(tiny, bank, {"happy": 0.2}).items()
+    (layer, vector), *rest = emotion_vectors(bank, {"happy": 0.2}).items()
     assert not rest and layer == bank.default_layer
     assert torch.isclose(vector.norm(), torch.tensor(0.2 * bank.norm_at(layer)), rtol=1e-5)
 
@@ -200,9 +203,9 @@ def test_nested_contexts_add_up(tiny, bank):
         both = hidden(tiny, ids)
         with steer(tiny, bank, {"calm": -0.3}):
             cancelled = hidden(tiny, ids)
-    want = (first[LAYER] + second[LAYER]).expand(1, 6, -1)
+    want = (first.vectors[LAYER] + second.vectors[LAYER]).expand(1, 6, -1)
     assert torch.allclose(both - base, want, atol=1e-5)
-    assert torch.allclose(cancelled - base, second[LAYER].expand(1, 6, -1), atol=1e-5)
+    assert torch.allclose(cancelled - base, second.vectors[LAYER].expand(1, 6, -1), atol=1e-5)
     assert torch.allclose(hidden(tiny, ids), base)
 
 
@@ -237,10 +240,12 @@ def test_random_direction_is_seeded_unit_and_matched_norm(tiny, bank):
     a, b, c = random_direction(64, 3), random_direction(64, 3), random_direction(64, 4)
     assert torch.equal(a, b) and not torch.allclose(a, c)
     assert torch.isclose(a.norm(), torch.tensor(1.0))
-    emotion = emotion_vectors(tiny, bank, {"calm": 0.1})[LAYER]
-    control = emotion_vectors(tiny, bank, {"random:3": 0.1})[LAYER]
+    emotion = emotion_vectors(bank, {"calm": 0.1})[LAYER]
+    control = emotion_vectors(bank, {"random:3": 0.1})[LAYER]
     assert torch.isclose(emotion.norm(), control.norm(), rtol=1e-5)
     assert abs(float(emotion @ control)) < 0.9 * float(emotion.norm() * control.norm())
+    same = SteeringVector.random(bank, 3, 0.1)
+    assert torch.equal(same.vectors[LAYER], control) and same.strengths == {"random:3": 0.1}
 
 
 def test_bad_requests_are_clear_errors(tiny, bank):
@@ -261,31 +266,82 @@ def test_bad_requests_are_clear_errors(tiny, bank):
         with steer_vectors(tiny, {LAYER: torch.zeros(5)}):
             pass
     with pytest.raises(EmolensError, match="unknown emotion"):
-        emotion_vectors(tiny, bank, {"bored": 0.1})
+        emotion_vectors(bank, {"bored": 0.1})
     with pytest.raises(EmolensError, match="random:SEED"):
-        emotion_vectors(tiny, bank, {"random:abc": 0.1})
+        emotion_vectors(bank, {"random:abc": 0.1})
     with pytest.raises(EmolensError, match="finite"):
-        emotion_vectors(tiny, bank, {"calm": float("nan")})
+        emotion_vectors(bank, {"calm": float("nan")})
+    with pytest.raises(EmolensError, match=r"outside -1\.\.\.1 .*allow_strong"):
+        bank.steering({"calm": 1e9})
+    with pytest.raises(EmolensError, match="no emotions"):
+        bank.steering({})
     other = random_bank(EMOTIONS, [0, 1], 16)
     with pytest.raises(EmolensError, match="width"):
-        emotion_vectors(tiny, other, {"calm": 0.1})
+        other.steering({"calm": 0.1}).patch(tiny)
+    with pytest.raises(EmolensError, match="width"):
+        with steer(tiny, other, {"calm": 0.1}):
+            pass
 
 
 def test_parse_strengths():
-    assert parse_strengths(["calm=0.05", "desperate=-0.1", "calm=0.05"]) == {
-        "calm": 0.1,
-        "desperate": -0.1,
-    }
+    assert parse_strengths(["calm=0.05", "desperate=-0.1"]) == {"calm": 0.05, "desperate": -0.1}
     assert parse_strengths(["at ease"], default=1.0) == {"at ease": 1.0}
-    for bad in ("calm", "calm=x", "=0.1", "calm=inf"):
+    for bad in ("calm", "calm=x", "=0.1", "calm=inf", "calm=1.5"):
         with pytest.raises(EmolensError):
             parse_strengths([bad])
+    with pytest.raises(EmolensError, match="given twice"):
+        parse_strengths(["calm=0.05", "calm=0.05"])
+    assert parse_strengths(["calm=3"], allow_strong=True) == {"calm": 3.0}
+    assert MAX_STRENGTH == 1.0
+
+
+def test_steering_vector_is_a_value(tiny, bank):
+    """Arithmetic is exact: 20 * v steers like v at 20 times the strength (repeng's check);
+    v - v is zero, and sums keep their provenance."""
+    calm, sad = bank.steering({"calm": 0.01}), bank.steering({"sad": 0.2}, [1, 2])
+    twenty = bank.steering({"calm": 0.2})
+    torch.testing.assert_close((20 * calm).vectors[LAYER], twenty.vectors[LAYER])
+    assert (calm * 20).strengths == {"calm": pytest.approx(0.2)}
+    both = calm + sad
+    assert both.layers == [1, 2] and both.strengths == {"calm": 0.01, "sad": 0.2}
+    torch.testing.assert_close(both.vectors[1], calm.vectors[1] + sad.vectors[1])
+    assert float((both - both).vectors[1].abs().max()) == 0
+    ids = ids_of(1, 6)
+    with torch.inference_mode():
+        with (20 * calm).apply(tiny):
+            scaled = tiny.model(input_ids=ids).logits
+        with twenty.apply(tiny):
+            direct = tiny.model(input_ids=ids).logits
+        handle = twenty.patch(tiny)
+        patched = tiny.model(input_ids=ids).logits
+        handle.remove()
+        handle.remove()  # idempotent
+        plain = tiny.model(input_ids=ids).logits
+    torch.testing.assert_close(scaled, direct, atol=1e-5, rtol=0)
+    torch.testing.assert_close(patched, direct, atol=1e-5, rtol=0)
+    assert not torch.allclose(plain, direct)
+    with pytest.raises(EmolensError, match="different models"):
+        calm + SteeringVector({LAYER: torch.ones(tiny.width)}, {"model": {"weights": "x"}})
+    with pytest.raises(EmolensError, match="non-finite"):
+        SteeringVector({1: torch.full((4,), float("nan"))})
+
+
+@pytest.mark.parametrize("suffix", ["gguf", "npz", "safetensors"])
+def test_steering_vector_files_round_trip(tiny, bank, tmp_path, suffix):
+    vector = bank.steering({"calm": 0.3, "sad": -0.1}, [1, 3])
+    path = vector.save(tmp_path / f"v.{suffix}")
+    loaded = SteeringVector.load(path)
+    assert loaded.layers == [1, 3] and loaded.strengths == {"calm": 0.3, "sad": -0.1}
+    for layer in (1, 3):
+        torch.testing.assert_close(loaded.vectors[layer], vector.vectors[layer])
+    assert loaded.meta["model"]["weights"] == tiny.fingerprint["weights"]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # nothing half-written
 
 
 def test_live_readout_sees_the_steering(tiny, bank):
-    """emolens.read.generate works under steering: its first generated token reads exactly
+    """emolens.generate works under steering: its first generated token reads exactly
     strength * norm higher on the steered emotion (the prefill, unsteered, picks it)."""
-    from emolens.read import generate
+    from emolens.readout import generate
 
     def first(**steering):
         messages = [{"role": "user", "content": "hello there"}]
@@ -330,7 +386,7 @@ def saved(tmp_path_factory, tiny):
 
     def make_bank(lm):
         bank = random_bank(EMOTIONS, list(range(lm.depth)), lm.width, norm=3.0)
-        bank.meta["default_layer"] = LAYER
+        bank.default_layer = LAYER
         return bank
 
     return save_for_cli(tmp_path_factory.mktemp("tiny"), tiny, make_bank)[2]
@@ -340,6 +396,9 @@ def test_cli_steer(saved, capsys):
     from emolens.cli import main
 
     args = ["steer", "--emotion", "happy=2", "--emotion", "random:1=0.5", "--max-new-tokens", "4"]
+    assert main([*args, "--json", *saved, "hello"]) == 2
+    assert "outside -1...1" in capsys.readouterr().err
+    args.append("--allow-strong")
     assert main([*args, "--json", *saved, "hello"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["steering"] == {"happy": 2.0, "random:1": 0.5} and result["layer"] == LAYER

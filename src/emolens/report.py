@@ -28,18 +28,18 @@ import numpy as np
 from emolens import __version__, concepts
 from emolens.atomic import atomic_path
 from emolens.bank import EmotionBank, default_bank_path
-from emolens.build import best_layer, heldout_accuracy
 from emolens.corpus import scenarios as load_scenarios
 from emolens.corpus import templates as load_templates
 from emolens.errors import EmolensError
 from emolens.evaluate import geometry as geo
 from emolens.evaluate.baseline import baseline_bank
+from emolens.evaluate.heldout import HeldoutTable, heldout_accuracy
 from emolens.evaluate.intensity import filled, score_templates
 from emolens.evaluate.logit_lens import logit_lens
 from emolens.evaluate.scenarios import last_token_states, project, score_scenarios
 from emolens.figures import save_figure
 from emolens.models import LoadedModel
-from emolens.read import resolve_layer
+from emolens.readout import resolve_layer
 
 VARIANT = "denoised"
 KMEANS = {"k": 10, "seed": 0}
@@ -77,7 +77,7 @@ def write_report(
         "model": dict(lm.fingerprint),
         "bank": {"path": str(bank_path) if bank_path else None, "emotions": len(bank.emotions),
                  "layers": bank.layers, "default_layer": bank.default_layer,
-                 "kind": bank.meta.get("kind", "built")},
+                 "kind": bank.kind},
         "layer": layer,
         "variant": VARIANT,
     }  # fmt: skip
@@ -183,18 +183,18 @@ def find_heldout(
 
 def accuracy_section(bank: EmotionBank, base: EmotionBank, path: Path | None, note: str) -> dict:
     """Per-layer held-out accuracy of the bank (raw, denoised) and of the word baseline."""
-    table = heldout_accuracy(bank, path) if path else bank.meta.get("heldout")
+    table = heldout_accuracy(bank, path).to_json() if path else bank.meta.get("heldout")
     if table is None:
         return {"source": note, "table": None, "baseline": None, "best_layer": None}
     if path is None:
         note = "from the bank's build metadata (no held-out file: no baseline accuracy)"
-    baseline = heldout_accuracy(base, path) if path else None
+    baseline = heldout_accuracy(base, path).to_json() if path else None
     shown = sum(e in bank.emotions for e in concepts.showcase())
     return {
         "source": note,
         "table": table,
         "baseline": baseline,
-        "best_layer": best_layer(table),
+        "best_layer": HeldoutTable.from_json(table).best_layer,
         "showcase": shown,
         "chance": {"top1": 1 / len(bank.emotions), "top5": min(1.0, 5 / len(bank.emotions)),
                    "showcase_top1": 1 / shown if shown else None},
@@ -245,10 +245,9 @@ def reading_sections(
     rows, templates = load_scenarios(), load_templates()
     texts = [row["text"] for row in rows] + [text for t in templates for text in filled(t)]
     states = last_token_states(lm, texts, layer)
-    center = bank.center[bank.layer_index(layer)]
     sections = []
     for source in (bank, base):
-        scores = project(states, center, source.matrix(layer, VARIANT))
+        scores = project(states, source, layer, VARIANT)
         sections.append(
             (
                 score_scenarios(rows, scores[: len(rows)], bank.emotions, concepts.showcase()),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import pkgutil
 import sys
 
@@ -24,9 +25,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("emolens: %(message)s"))
+    logger = logging.getLogger("emolens")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    logger.propagate = False
     try:
         return int(args.run(args) or 0)
     except EmolensError as error:
+        print(f"emolens: error: {error}", file=sys.stderr)
+        return 2
+    except (OSError, UnicodeError) as error:  # files the user named: unreadable, unwritable
         print(f"emolens: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,13 +6,21 @@ import argparse
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
-from emolens.cli._common import add_bank_option, add_model_option, load_bank_for, load_model_from
+from emolens.cli._common import (
+    add_bank_option,
+    add_model_option,
+    add_sampling_options,
+    add_steering_options,
+    load_bank_for,
+    load_model_from,
+    sampling_from,
+)
 from emolens.errors import EmolensError
-from emolens.steer import MODES
 
 if TYPE_CHECKING:
     from emolens.bank import EmotionBank
     from emolens.models import LoadedModel
+    from emolens.steer import SteeringVector
 
 HELP = (
     "commands: /steer NAME=S [NAME=S ...] (set strengths; /steer alone shows them), "
@@ -29,14 +37,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     add_model_option(parser)
     add_bank_option(parser)
-    parser.add_argument("--layer", type=int, default=None, help="read and steer layer")
-    parser.add_argument("--positions", choices=MODES, default="all", help="tokens steered")
-    parser.add_argument("--variant", choices=("denoised", "raw"), default="denoised")
+    add_steering_options(parser)
     parser.add_argument("--system", default=None, help="a system prompt")
     parser.add_argument("--top", type=int, default=3, metavar="K", help="emotions shown (3)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=None)
+    add_sampling_options(parser, max_new_tokens=128)
     parser.set_defaults(run=run)
 
 
@@ -67,11 +71,12 @@ class Session:
     """The conversation, the steering in force and the display settings."""
 
     def __init__(self, lm: LoadedModel, bank: EmotionBank, args: argparse.Namespace) -> None:
-        from emolens.read import resolve_layer
+        from emolens.readout import resolve_layer
 
         if args.top < 1:
             raise EmolensError(f"--top must be at least 1, not {args.top}")
         self.lm, self.bank, self.args = lm, bank, args
+        self.sampling = sampling_from(args)
         self.layer = resolve_layer(lm, bank, args.layer)
         self.top = args.top
         self.strengths: dict[str, float] = {}
@@ -84,17 +89,18 @@ class Session:
 
     def command(self, line: str) -> bool:
         """Run a /command; False means quit."""
-        from emolens.steer import emotion_vectors, parse_strengths
+        from emolens.steer import parse_strengths
 
         name, *rest = line.split()
         if name in ("/quit", "/exit"):
             return False
         if name == "/steer":
             if rest:
-                update = parse_strengths(rest)
-                wanted = {**self.strengths, **update}
-                emotion_vectors(self.lm, self.bank, wanted, self.layer, self.args.variant)
-                self.strengths = {k: v for k, v in wanted.items() if v != 0}
+                update = parse_strengths(rest, allow_strong=self.args.allow_strong)
+                wanted = {k: v for k, v in {**self.strengths, **update}.items() if v != 0}
+                if wanted:  # an unknown emotion fails here, before it is kept
+                    self._vector(wanted)
+                self.strengths = wanted
             print(f"steering: {self._describe()}", flush=True)
         elif name == "/unsteer":
             self.strengths = {}
@@ -113,28 +119,25 @@ class Session:
 
     def say(self, text: str) -> None:
         """Send a user message, stream the reply and print its mean readout."""
+        from dataclasses import asdict
+
         import torch
 
-        from emolens.read import generate, top_emotions
-        from emolens.steer import steer
+        from emolens.readout import generate, top_emotions
 
         self.messages.append({"role": "user", "content": text})
         context = (
-            steer(
-                self.lm, self.bank, self.strengths, self.layer, self.args.positions,
-                self.args.variant,
-            )
+            self._vector(self.strengths).apply(self.lm, self.args.positions)
             if self.strengths
             else nullcontext()
-        )  # fmt: skip
+        )
         pieces, scores = [], []
         try:
             print("model> ", end="", flush=True)
             with context:
                 for token in generate(
-                    self.lm, self.bank, self.messages, max_new_tokens=self.args.max_new_tokens,
-                    layer=self.layer, temperature=self.args.temperature, seed=self.args.seed,
-                    variant=self.args.variant,
+                    self.lm, self.bank, self.messages, layer=self.layer,
+                    variant=self.args.variant, **asdict(self.sampling),
                 ):  # fmt: skip
                     print(token.text, end="", flush=True)
                     pieces.append(token.text)
@@ -155,6 +158,10 @@ class Session:
         )
         note = f"; includes steering {self._describe()}" if self.strengths else ""
         print(f"    [{shown}]  mean over the reply, layer {self.layer}{note}", flush=True)
+
+    def _vector(self, strengths: dict[str, float]) -> SteeringVector:
+        return self.bank.steering(strengths, self.layer, variant=self.args.variant,
+                                  allow_strong=self.args.allow_strong)  # fmt: skip
 
     def _describe(self) -> str:
         if not self.strengths:

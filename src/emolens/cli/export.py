@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from emolens.cli._common import add_bank_option, add_model_option, load_bank_for, load_model_from
-from emolens.export import FORMATS
+from emolens.cli._common import (
+    add_bank_option,
+    add_model_option,
+    finite,
+    load_bank_for,
+    load_model_from,
+)
+from emolens.vector_io import FORMATS
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -27,7 +33,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="NAME[=S]",
         help="an emotion, with a strength (default 1.0); repeat for several",
     )
-    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every strength")
+    parser.add_argument("--scale", type=finite, default=1.0, help="multiplies every strength")
     parser.add_argument(
         "--layers",
         type=_layers,
@@ -37,6 +43,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="blocks to export, e.g. 15,18 (repeatable; default: the bank's layer)",
     )
     parser.add_argument("--variant", choices=("denoised", "raw"), default="denoised")
+    parser.add_argument(
+        "--allow-strong", action="store_true", help="allow strengths beyond +-1 (gibberish)"
+    )
     add_model_option(parser)
     add_bank_option(parser)
     parser.set_defaults(run=run)
@@ -52,17 +61,17 @@ def _layers(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from emolens.export import control_vector_metadata, export_control_vector
+    from emolens.figures import check_output
     from emolens.steer import parse_strengths
 
-    strengths = parse_strengths(args.emotion, default=1.0)
+    check_output(args.out)
+    strengths = parse_strengths(args.emotion, default=1.0, allow_strong=True)
+    scaled = {name: value * args.scale for name, value in strengths.items()}
     lm = load_model_from(args)
     bank = load_bank_for(args, lm)
-    path = export_control_vector(
-        lm, bank, strengths, args.out, format=args.format, layers=args.layers,
-        scale=args.scale, variant=args.variant,
-    )  # fmt: skip
-    meta = control_vector_metadata(path)
-    emotions = ", ".join(f"{name}={value:+g}" for name, value in meta["emotions"].items())
-    layers = ", ".join(str(layer) for layer in meta["layers"])
+    vector = bank.steering(scaled, args.layers, variant=args.variant,
+                           allow_strong=args.allow_strong)  # fmt: skip
+    path = vector.save(args.out, args.format)
+    emotions = ", ".join(f"{name}={value:+g}" for name, value in vector.strengths.items())
+    layers = ", ".join(str(layer) for layer in vector.layers)
     print(f"emolens: wrote {path} ({emotions} at layers {layers})", file=sys.stderr)

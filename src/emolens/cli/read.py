@@ -9,23 +9,33 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from emolens.cli._common import add_bank_option, add_model_option, load_bank_for, load_model_from
+from emolens.cli._common import (
+    add_bank_option,
+    add_model_option,
+    add_sampling_options,
+    emotion_list,
+    load_bank_for,
+    load_model_from,
+    sampling_from,
+)
 from emolens.errors import EmolensError
+from emolens.figures import check_output
 
 if TYPE_CHECKING:
     import torch
 
     from emolens.bank import EmotionBank
+    from emolens.generation import Sampling
     from emolens.models import LoadedModel
-    from emolens.read import Readout
+    from emolens.readout import Readout
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "read",
         help="read emotions token by token in a text, a chat or a live reply",
-        description="Read the bank's emotion vectors at every token. Give TEXT, --chat or "
-        "--generate.",
+        description="Read the bank's emotion vectors at every token. Give TEXT, --chat, "
+        "--generate, or --file with --out to score a whole data set in batches.",
     )
     parser.add_argument("text", nargs="?", help="plain text to read")
     parser.add_argument(
@@ -35,6 +45,17 @@ def register(commands: argparse._SubParsersAction) -> None:
         "(e.g. coding_agent)",
     )
     parser.add_argument("--generate", metavar="PROMPT", help="generate a reply and read it live")
+    parser.add_argument(
+        "--file",
+        metavar="JSONL",
+        help='texts to score, one per line: a JSON string, {"text": ...} or {"messages": [...]}, '
+        'each with an optional "id"',
+    )
+    parser.add_argument("--out", metavar="JSONL", help="with --file: scores, one line per input")
+    parser.add_argument(
+        "--pool", default="mean", help="with --file: mean (default), last or reply_start"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="with --file")
     add_model_option(parser)
     add_bank_option(parser)
     parser.add_argument("--layer", type=int, default=None, help="layer (default: the bank's)")
@@ -48,29 +69,47 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--html", metavar="PATH", help="write a token heatmap (HTML)")
     parser.add_argument("--plot", metavar="PATH", help="write the per-turn trajectory (PNG)")
     parser.add_argument("--json", action="store_true", help="print the readout as JSON")
-    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    add_sampling_options(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from emolens.read import load_chat, read
+    from emolens.chat import load_chat
+    from emolens.readout import read
 
-    given = [name for name in ("text", "chat", "generate") if getattr(args, name) is not None]
+    given = [
+        name for name in ("text", "chat", "generate", "file") if getattr(args, name) is not None
+    ]
     if len(given) != 1:
-        raise EmolensError("give exactly one of TEXT, --chat FILE or --generate PROMPT")
-    if args.top < 1:
-        raise EmolensError(f"--top must be at least 1, not {args.top}")
+        raise EmolensError(
+            "give exactly one of TEXT, --chat FILE, --generate PROMPT or --file JSONL"
+        )
+    if (args.file is None) != (args.out is None):
+        raise EmolensError("--file and --out go together")
+    for name in ("top", "smooth", "batch_size"):
+        if getattr(args, name) < 1:
+            raise EmolensError(
+                f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}"
+            )
+    sampling = sampling_from(args) if args.generate is not None else None
     messages = load_chat(args.chat) if args.chat else None
+    items = _read_items(args.file) if args.file else None
+    if args.text is not None and not args.text.strip():
+        raise EmolensError("nothing to read: the text is empty or only whitespace")
+    check_output(args.html)
+    check_output(args.plot, image=True)
+    check_output(args.out)
     lm = load_model_from(args)
     bank = load_bank_for(args, lm)
-    emotions = _emotions(args.emotions, bank.emotions)
+    emotions = emotion_list(args.emotions, bank.emotions)
+    if items is not None:
+        _score_file(args, lm, bank, items, emotions)
+        return
     colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     if args.generate is not None:
         messages = [{"role": "user", "content": args.generate}]
-        reply = _stream(args, lm, bank, messages, emotions, colour)
+        assert sampling is not None
+        reply = _stream(args, lm, bank, messages, emotions, colour, sampling)
         if not (args.json or args.html or args.plot):
             return
         messages.append({"role": "assistant", "content": reply})
@@ -82,26 +121,78 @@ def run(args: argparse.Namespace) -> None:
     elif args.generate is None:
         _print_view(view, args.top, args.per, colour)
     if args.html:
-        from emolens.read import heatmap_html
+        from emolens.atomic import write_text
+        from emolens.display import heatmap_html
 
-        with open(args.html, "w", encoding="utf-8") as handle:
-            handle.write(heatmap_html(readout, emotions))
+        write_text(args.html, heatmap_html(readout, emotions))
         print(f"emolens: wrote {args.html}", file=sys.stderr)
     if args.plot:
-        from emolens.read import plot_trajectory
+        from emolens.display import plot_trajectory
 
         plot_trajectory(readout, args.plot, emotions)
         print(f"emolens: wrote {args.plot}", file=sys.stderr)
 
 
-def _emotions(spec: str | None, known: list[str]) -> list[str]:
-    if not spec:
-        return []
-    names = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        raise EmolensError(f"unknown emotions {unknown}; the bank has {len(known)} emotions")
-    return names
+def _read_items(path: str) -> list[tuple[object, str | list[dict]]]:
+    """(id, text or messages) of every line of a --file; bad lines are errors at file:line."""
+    from emolens.chat import check_messages
+    from emolens.jsonl import read_jsonl
+
+    items = []
+    for number, value in read_jsonl(path):
+        if isinstance(value, dict):
+            ident, text, messages = value.get("id"), value.get("text"), value.get("messages")
+        else:
+            ident, text, messages = None, value, None
+        if messages is not None:
+            try:
+                items.append((ident, check_messages(messages)))
+            except EmolensError as error:
+                raise EmolensError(f"{path}:{number}: field 'messages': {error}") from None
+        elif isinstance(text, str) and text.strip():
+            items.append((ident, text))
+        else:
+            raise EmolensError(
+                f"{path}:{number}: field 'text': expected a non-empty string, or 'messages'"
+            )
+    if not items:
+        raise EmolensError(f"{path}: no texts to read")
+    return items
+
+
+def _score_file(
+    args: argparse.Namespace, lm: LoadedModel, bank: EmotionBank, items: list, emotions: list[str]
+) -> None:
+    """Score every item of --file into --out, resuming after the lines already there."""
+    from emolens.jsonl import AppendLog, recover
+    from emolens.readout import read_many, resolve_layer
+
+    layer = resolve_layer(lm, bank, args.layer)
+    settings = {"layer": layer, "pool": args.pool, "variant": args.variant}
+    done = set()
+    for number, row in recover(args.out):
+        if not isinstance(row, dict) or any(row.get(k) != v for k, v in settings.items()):
+            raise EmolensError(
+                f"{args.out}:{number}: written with other settings than {settings}; "
+                "give another --out"
+            )
+        done.add(row.get("index"))
+    todo = [i for i in range(len(items)) if i not in done]
+    names = emotions or bank.emotions
+    index = [bank.emotion_index(name) for name in names]
+    chunk = 64 * args.batch_size  # lines are written (and synced) after each chunk
+    with AppendLog(args.out) as log:
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            scores = read_many(lm, bank, [items[i][1] for i in part], layer=layer,
+                               variant=args.variant, pool=args.pool, batch_size=args.batch_size,
+                               progress=len(todo) > chunk)  # fmt: skip
+            log.write(
+                {"index": i, "id": items[i][0], **settings,
+                 "scores": {n: round(float(v), 5) for n, v in zip(names, row[index].tolist(), strict=True)}}
+                for i, row in zip(part, scores, strict=True)
+            )  # fmt: skip
+    print(f"emolens: scored {len(todo)} texts ({len(done)} already in {args.out})", file=sys.stderr)
 
 
 def _stream(
@@ -111,11 +202,14 @@ def _stream(
     messages: list[dict],
     emotions: list[str],
     colour: bool,
+    sampling: Sampling,
 ) -> str:
     """Generate and print the reply as it comes, with its readout; return the reply text."""
+    from dataclasses import asdict
+
     import torch
 
-    from emolens.read import ends_sentence, generate, resolve_layer
+    from emolens.readout import ends_sentence, generate, resolve_layer
 
     names = emotions or bank.emotions
     index = torch.tensor([bank.emotion_index(name) for name in names])
@@ -125,9 +219,8 @@ def _stream(
         print(_paint(f"[assistant, layer {layer}]", "1", colour))
     pieces, pending = [], []
     for token in generate(
-        lm, bank, messages, max_new_tokens=args.max_new_tokens, layer=args.layer,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, variant=args.variant,
-    ):  # fmt: skip
+        lm, bank, messages, layer=args.layer, variant=args.variant, **asdict(sampling)
+    ):
         pieces.append(token.text)
         if quiet:
             continue
@@ -182,7 +275,7 @@ def _print_view(readout: Readout, k: int, per: str, colour: bool) -> None:
 
 
 def _scores(values: torch.Tensor, names: Sequence[str], k: int, colour: bool) -> str:
-    from emolens.read import top_emotions
+    from emolens.readout import top_emotions
 
     return "  ".join(
         f"{name} {_paint(f'{value:+.2f}', '32' if value >= 0 else '31', colour)}"

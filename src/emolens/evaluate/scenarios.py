@@ -3,7 +3,8 @@ read at the last token before the Assistant's reply.
 
 A message is rendered as one user turn with the generation prompt (the chat template's
 assistant header, or "Assistant:" in the plain format) and the residual is read at its last
-token. Scores are the centred residual projected on the unit vectors, as in build.classify.
+token. Scores are the centred residual projected on the unit vectors (`readout.score` with
+`centre=True`), as in held-out classification.
 """
 
 from __future__ import annotations
@@ -13,15 +14,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from emolens.capture import check_layers, residuals
+from emolens.bank import EmotionBank
+from emolens.capture import check_layers, pad, plan_batches, residuals
 from emolens.errors import EmolensError
 from emolens.models import LoadedModel
-
-
-def prompt_ids(lm: LoadedModel, text: str) -> list[int]:
-    """Token ids of `text` as a user turn followed by the generation prompt."""
-    chat = lm.format_chat([{"role": "user", "content": text}], add_generation_prompt=True)
-    return list(lm.tokenizer(chat, add_special_tokens=not lm.has_chat_template)["input_ids"])
+from emolens.readout import score
 
 
 @torch.inference_mode()
@@ -33,26 +30,19 @@ def last_token_states(
     check_layers(lm, [layer])
     if not texts:
         raise EmolensError("no texts to read")
-    ids = [prompt_ids(lm, text) for text in texts]
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    ids = [lm.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+           for text in texts]  # fmt: skip
     out = torch.zeros(len(ids), lm.width)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        width = max(len(ids[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
-            mask[row, width - len(ids[i]) :] = 1
+    for batch in plan_batches(ids, batch_size):
+        input_ids, mask = pad([ids[i] for i in batch], lm.pad_id, "left")
         hidden = residuals(lm, input_ids, mask, [layer])[layer]
         out[batch] = hidden[:, -1].float().cpu()
     return out
 
 
-def project(states: torch.Tensor, center: torch.Tensor, units: torch.Tensor) -> np.ndarray:
+def project(states: torch.Tensor, bank: EmotionBank, layer: int, variant: str) -> np.ndarray:
     """Scores [texts, emotions]: (state - center) . unit vector, in float64."""
-    return ((states.double() - center.double()) @ units.double().T).numpy()
+    return score(states, bank, layer, variant, centre=True, dtype=torch.float64).numpy()
 
 
 def rank(row: np.ndarray, index: int) -> int:

@@ -15,7 +15,6 @@ after the probe with a 4D attention mask so that each word sees the probe and it
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -26,9 +25,10 @@ import torch
 from emolens.bank import EmotionBank
 from emolens.errors import EmolensError
 from emolens.figures import save_figure
+from emolens.generation import Sampling, decode
 from emolens.models import LoadedModel
-from emolens.read import cache_keyword, eos_ids, logits_options, resolve_layer
-from emolens.steer import RANDOM_PREFIX, direction, steer_vectors
+from emolens.readout import resolve_layer
+from emolens.steer import RANDOM_PREFIX, SteeringVector, random_direction, steer_vectors
 
 STRENGTHS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)
 GENERATION_PROMPTS = (
@@ -41,14 +41,13 @@ def probe_ids(lm: LoadedModel) -> dict[str, tuple[str, list[int]]]:
     """The two probes, each as (text, token ids): "he" in plain text, "I" through the chat
     template (the user asks, the assistant's reply begins "I feel")."""
     he = "How does he feel? He feels"
-    chat = lm.format_chat([{"role": "user", "content": "How do you feel?"}])
-    i_feel = chat + ("I feel" if chat[-1:].isspace() else " I feel")
+    messages = [{"role": "user", "content": "How do you feel?"}]
+    chat = lm.format_chat(messages)
+    reply = "I feel" if chat[-1:].isspace() else " I feel"
+    ids = lm.encode_chat(messages) + lm.tokenizer(reply, add_special_tokens=False)["input_ids"]
     return {
         "he": (he, lm.tokenizer(he, add_special_tokens=True)["input_ids"]),
-        "I": (
-            i_feel,
-            lm.tokenizer(i_feel, add_special_tokens=not lm.has_chat_template)["input_ids"],
-        ),
+        "I": (chat + reply, ids),
     }
 
 
@@ -94,7 +93,7 @@ def word_logprobs(
         attention_mask=mask[None, None].expand(rows, 1, total, total).to(lm.device),
         position_ids=torch.tensor([positions] * rows, device=lm.device),
         use_cache=False,
-        **_keep(lm, keep),
+        **lm.keep_logits(keep),
     ).logits[:, -keep:]
     logprobs = torch.log_softmax(logits.double(), dim=-1).cpu()
     offset = prompt - 1
@@ -105,26 +104,27 @@ def word_logprobs(
     return out
 
 
-@torch.inference_mode()
 def generate_rows(
-    lm: LoadedModel, ids: Sequence[int], rows: int, max_new_tokens: int
+    lm: LoadedModel,
+    ids: Sequence[int],
+    vectors: dict[int, torch.Tensor] | None,
+    max_new_tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy continuations of the same prompt in `rows` batch rows (steering hooks act per
-    row): new tokens [rows, n] and a mask [rows, n] that ends after each row's first EOS."""
-    eos = torch.tensor(sorted(eos_ids(lm)), dtype=torch.long)
-    keyword = cache_keyword(lm)
-    prompt = torch.tensor([list(ids)] * rows, device=lm.device)
-    out = lm.model(input_ids=prompt, use_cache=True, **logits_options(lm))
-    tokens = []
-    for step in range(max_new_tokens):
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        tokens.append(token.cpu())
-        if step + 1 < max_new_tokens:
-            cache = {keyword: getattr(out, keyword)}
-            out = lm.model(input_ids=token, use_cache=True, **cache, **logits_options(lm))
-    generated = torch.cat(tokens, 1)
-    ended = torch.isin(generated, eos).long().cumsum(1)
-    alive = (ended - torch.isin(generated, eos).long()) == 0  # up to and including the EOS
+    """Greedy continuations of one prompt, one row per steering vector ({layer: [rows, width]},
+    or None for one unsteered row): new tokens [rows, n] and a mask [rows, n] that ends with
+    each row's end-of-sequence token."""
+    rows = 1 if vectors is None else next(iter(vectors.values())).shape[0]
+    steering = [None] if vectors is None else [
+        SteeringVector({layer: v[r] for layer, v in vectors.items()}) for r in range(rows)
+    ]  # fmt: skip
+    done = decode(lm, [ids] * rows, Sampling(max_new_tokens), steering=steering)
+    tokens = [g.tokens + ([g.stop_token] if g.stop_token is not None else []) for g in done]
+    width = max(1, max(len(t) for t in tokens))
+    generated = torch.full((rows, width), lm.pad_id, dtype=torch.long)
+    alive = torch.zeros(rows, width, dtype=torch.bool)
+    for r, row in enumerate(tokens):
+        generated[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        alive[r, : len(row)] = True
     return generated, alive
 
 
@@ -138,9 +138,9 @@ def sequence_nll(
     own tokens.
     """
     rows, n = generated.shape
-    keyword = cache_keyword(lm)
+    keyword = lm.cache_keyword
     prompt = torch.tensor([list(ids)], device=lm.device)
-    out = lm.model(input_ids=prompt, use_cache=True, **logits_options(lm))
+    out = lm.model(input_ids=prompt, use_cache=True, **lm.keep_logits(1))
     first = out.logits[:, -1:].expand(rows, 1, -1)
     if n > 1:
         cache = getattr(out, keyword)
@@ -186,7 +186,8 @@ def evaluate_steering(
         raise EmolensError("need n_random >= 1 and max_new_tokens >= 1")
     randoms = [f"{RANDOM_PREFIX}{seed}" for seed in range(n_random)]
     names = emotions + randoms
-    units = torch.stack([direction(bank, name, layer, variant).float() for name in names])
+    units = torch.stack([bank.vector(name, layer, variant) for name in emotions]
+                        + [random_direction(bank.width, seed) for seed in range(n_random)])  # fmt: skip
     norm = bank.norm_at(layer)
 
     probes = probe_ids(lm)
@@ -259,15 +260,6 @@ def evaluate_steering(
     }
 
 
-def _keep(lm: LoadedModel, n: int) -> dict:
-    """Ask for the last `n` positions' logits only, where the model supports it."""
-    return (
-        {"logits_to_keep": n}
-        if "logits_to_keep" in inspect.signature(lm.model.forward).parameters
-        else {}
-    )
-
-
 def _emotions(bank: EmotionBank, emotions: Sequence[str] | None) -> list[str]:
     if emotions is None:
         from emolens.concepts import showcase
@@ -304,9 +296,8 @@ def _perplexity(
     texts: dict[str, dict[str, str]] = {name: {} for name in names}
     unsteered = ""
     for p, prompt in enumerate(prompts):
-        chat = lm.format_chat([{"role": "user", "content": prompt}])
-        ids = lm.tokenizer(chat, add_special_tokens=not lm.has_chat_template)["input_ids"]
-        plain, alive = generate_rows(lm, ids, 1, max_new_tokens)
+        ids = lm.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        plain, alive = generate_rows(lm, ids, None, max_new_tokens)
         base_nll += float(sequence_nll(lm, ids, plain, alive)[0])
         base_count += float(alive.sum())
         if p == 0:
@@ -315,8 +306,8 @@ def _perplexity(
             if strength == 0.0:
                 generated, alive = plain.expand(rows, -1), alive.expand(rows, -1)
             else:
-                with steer_vectors(lm, {layer: strength * norm * units}):
-                    generated, alive = generate_rows(lm, ids, rows, max_new_tokens)
+                vectors = {layer: strength * norm * units}
+                generated, alive = generate_rows(lm, ids, vectors, max_new_tokens)
             nll[:, s] += sequence_nll(lm, ids, generated, alive)
             count[:, s] += alive.sum(1)
             if p == 0:

@@ -1,4 +1,4 @@
-"""Export steering vectors: llama.cpp control vectors (GGUF), or plain npz / safetensors arrays.
+"""Steering-vector files: llama.cpp control vectors (GGUF), or plain npz / safetensors arrays.
 
 A vector is stored in the units added to the residual stream: `strength * mean_norm(layer) *
 unit_vector`, so llama.cpp's `--control-vector-scaled FILE S` multiplies every strength by S.
@@ -14,59 +14,40 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from emolens.atomic import atomic_path
-from emolens.bank import EmotionBank
 from emolens.errors import EmolensError
-from emolens.models import LoadedModel
-from emolens.steer import emotion_vectors
 
 FORMATS = ("llama-cpp", "npz", "safetensors")
 SUFFIXES = {".gguf": "llama-cpp", ".npz": "npz", ".safetensors": "safetensors"}
 ARCH = "controlvector"
 PREFIX = "direction."
 META_KEY = "emolens.metadata"
+CONVENTION = "direction.N is added to the output of decoder block N (0-based)"
 
 
-def export_control_vector(
-    lm: LoadedModel,
-    bank: EmotionBank,
-    emotions: Mapping[str, float],
+def write(
+    vectors: Mapping[int, torch.Tensor],
     path: str | os.PathLike,
-    *,
+    metadata: Mapping,
     format: str | None = None,
-    layers: int | Sequence[int] | None = None,
-    scale: float = 1.0,
-    variant: str = "denoised",
 ) -> Path:
-    """Write the steering vector of `emotions` ({name: strength}, times `scale`) at `layers`
-    (default: the bank's layer) to `path`; the format follows the suffix unless given."""
+    """Write `vectors` in `format` (default: from the file suffix), atomically."""
     format = format or SUFFIXES.get(Path(path).suffix.lower())
     if format not in FORMATS:
         raise EmolensError(
             f"{path}: unknown export format; use --format {', '.join(FORMATS)} "
             f"or a {', '.join(SUFFIXES)} file name"
         )
-    if not emotions:
-        raise EmolensError("nothing to export: name at least one emotion")
-    strengths = {name: float(strength) * float(scale) for name, strength in emotions.items()}
-    vectors = emotion_vectors(lm, bank, strengths, layers, variant)
-    metadata = {
-        "emotions": strengths,
-        "scale": float(scale),
-        "layers": sorted(vectors),
-        "norms": {str(layer): bank.norm_at(layer) for layer in sorted(vectors)},
-        "variant": variant,
-        "model": lm.fingerprint,
-        "convention": "direction.N is added to the output of decoder block N (0-based)",
-    }
+    metadata = {**metadata, "layers": sorted(vectors), "convention": CONVENTION}
     if format == "llama-cpp":
-        hint = str(getattr(lm.model.config, "model_type", "") or lm.name)
+        model = metadata.get("model") or {}
+        hint = str(model.get("model_type") or model.get("name") or "")
         return write_gguf(vectors, path, model_hint=hint, metadata=metadata)
     return write_arrays(vectors, path, metadata, format)
 
@@ -90,7 +71,7 @@ def write_gguf(
             "(direction.0 is rejected): choose layers >= 1"
         )
 
-    def write(staging: Path) -> None:
+    def dump(staging: Path) -> None:
         writer = GGUFWriter(str(staging), ARCH)
         writer.add_string(f"{ARCH}.model_hint", model_hint)
         writer.add_int32(f"{ARCH}.layer_count", len(vectors))
@@ -103,7 +84,7 @@ def write_gguf(
         writer.write_tensors_to_file()
         writer.close()
 
-    return _atomic(path, write)
+    return _atomic(path, dump)
 
 
 def write_arrays(
@@ -118,34 +99,24 @@ def write_arrays(
     text = json.dumps(metadata)
     if format == "npz":
 
-        def write(staging: Path) -> None:
+        def dump(staging: Path) -> None:
             with open(staging, "wb") as handle:
                 np.savez(handle, metadata=np.array(text), **arrays)
 
     elif format == "safetensors":
         from safetensors.numpy import save_file
 
-        def write(staging: Path) -> None:
+        def dump(staging: Path) -> None:
             save_file(arrays, str(staging), metadata={"emolens": text})
 
     else:
         raise EmolensError(f"unknown array format '{format}': choose npz or safetensors")
-    return _atomic(path, write)
+    return _atomic(path, dump)
 
 
-def load_control_vector(path: str | os.PathLike) -> dict[int, torch.Tensor]:
-    """Vectors {layer: [width]} from a control-vector GGUF, npz or safetensors file."""
-    vectors, _ = _read(Path(path))
-    return vectors
-
-
-def control_vector_metadata(path: str | os.PathLike) -> dict:
-    """The emolens metadata stored with an exported vector ({} for a foreign GGUF)."""
-    _, metadata = _read(Path(path))
-    return metadata
-
-
-def _read(path: Path) -> tuple[dict[int, torch.Tensor], dict]:
+def read(path: Path) -> tuple[dict[int, torch.Tensor], dict]:
+    """Vectors {layer: [width]} and the emolens metadata ({} for a foreign GGUF) of a
+    control-vector GGUF, npz or safetensors file."""
     if not path.is_file():
         raise EmolensError(f"{path}: no such control-vector file")
     format = SUFFIXES.get(path.suffix.lower())
@@ -203,8 +174,8 @@ def _array(vector: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(vector.numpy())
 
 
-def _atomic(path: str | os.PathLike, write) -> Path:  # noqa: ANN001
-    """Run `write(staging)` on a temporary file beside `path`, then rename it into place."""
+def _atomic(path: str | os.PathLike, dump) -> Path:  # noqa: ANN001
+    """Run `dump(staging)` on a temporary file beside `path`, then rename it into place."""
     with atomic_path(path) as staging:
-        write(staging)
+        dump(staging)
     return Path(path)
