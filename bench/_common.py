@@ -11,13 +11,15 @@ from emolens.capture import plan_batches, tokenize
 from emolens.corpus import load
 
 
-def texts_of_tokens(lm, count: int, tokens: int = 200) -> list[str]:
-    """`count` texts of about `tokens` tokens, cut from the shipped stories."""
+def texts_of_tokens(lm, count: int, tokens: int | tuple[int, int] = 200) -> list[str]:
+    """`count` texts of about `tokens` tokens (or of lengths spread over a (low, high) range),
+    cut from the shipped stories."""
     stories = [r.text for r in load().stories()]
+    low, high = (tokens, tokens) if isinstance(tokens, int) else tokens
     texts = []
     for i in range(count):
         joined = " ".join(stories[(2 * i + k) % len(stories)] for k in range(3))
-        ids = lm.tokenizer(joined)["input_ids"][:tokens]
+        ids = lm.tokenizer(joined)["input_ids"][: low + (i * 7919) % (high - low + 1)]
         texts.append(lm.tokenizer.decode(ids))
     return texts
 
@@ -30,7 +32,7 @@ def timer(results: dict, key: str):
 
 
 @torch.inference_mode()
-def run_truncated(lm, texts, layer):
+def run_truncated(lm, texts, layer, batch_size: int = 4):
     """A bare forward pass through blocks 0..layer only (the physical limit), same batches."""
     full = lm.layers
     parent = lm.model.get_submodule(lm.layers_path.rsplit(".", 1)[0])
@@ -38,7 +40,7 @@ def run_truncated(lm, texts, layer):
     ids = tokenize(lm, texts)
     setattr(parent, name, torch.nn.ModuleList(list(full)[: layer + 1]))
     try:
-        for batch in plan_batches(ids, 4):
+        for batch in plan_batches(ids, batch_size):
             width = max(len(ids[i]) for i in batch)
             input_ids = torch.zeros(len(batch), width, dtype=torch.long)
             mask = torch.zeros_like(input_ids)

@@ -91,3 +91,38 @@ def test_embedded_capture_matches_output_hidden_states(embedded):
     states = hidden(embedded, text)
     for layer in (10, 20):
         assert torch.allclose(batch.residuals[layer][0], states[layer + 1][0], atol=1e-3, rtol=1e-4)
+
+
+def test_one_hook_primitive_reads_replaces_stops_and_cleans_up(tiny):
+    from emolens.capture import StopForward, add_hooks, hooks, run
+
+    ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        base = tiny.model(input_ids=ids, output_hidden_states=True)
+    seen, calls, before = {}, [], []
+    shift = torch.randn(tiny.width)
+    registered = [dict(block._forward_hooks) for block in tiny.layers]
+
+    def read(layer):
+        def fn(hidden):
+            seen[layer] = hidden.clone()
+            calls.append(layer)
+
+        return fn
+
+    with torch.inference_mode(), hooks(tiny, {0: read(0), 1: lambda h: h + shift, 2: read(2)},
+                                       stop_after=2, before=lambda bound: before.append(bound)) as handle:  # fmt: skip
+        assert run(tiny, input_ids=ids) is None  # stopped: no logits
+        assert calls == [0, 2] and set(before[0]) >= {"input_ids"}
+        handle.stop_after = None
+        assert run(tiny, input_ids=ids).logits.shape[:2] == (2, 7)
+    torch.testing.assert_close(seen[0], base.hidden_states[1])
+    assert not torch.allclose(seen[2], base.hidden_states[3])  # block 1's output was replaced
+    assert [dict(block._forward_hooks) for block in tiny.layers] == registered
+    handle = add_hooks(tiny, {}, stop_after=0)
+    with pytest.raises(StopForward):
+        tiny.model(input_ids=ids)
+    handle.remove()
+    with pytest.raises(EmolensError, match="out of range"):
+        add_hooks(tiny, {9: print})
+    assert [dict(block._forward_hooks) for block in tiny.layers] == registered
