@@ -7,9 +7,9 @@ import torch
 
 from emolens import concepts, corpus
 from emolens.cli import main
+from emolens.corpus import DuplicateIndex
 from emolens.corpus_generation import (
     REASONS,
-    DuplicateIndex,
     LocalBackend,
     generate,
     parse_stories,
@@ -113,9 +113,14 @@ def test_parse_unnumbered_empty_and_cut_off():
 
 def test_duplicate_index_matches_corpus_rule():
     texts = [story(1), story(1)[:-1] + " again.", story(2)]
-    index = DuplicateIndex(texts[:1])
-    assert index.is_duplicate(texts[1]) and not index.is_duplicate(texts[2])
-    assert [(i, j) for i, j, _ in corpus.near_duplicates(texts)] == [(0, 1)]
+    index = DuplicateIndex()
+    index.add(texts[0], "first")
+    assert index.match(texts[1])[0] == "first" and index.match(texts[2]) is None
+    assert index.match(texts[0].upper()) == ("first", 1.0)
+    assert {
+        first: [i for i, _ in copies]
+        for first, copies in corpus.near_duplicate_groups(texts).items()
+    } == {0: [1]}
 
 
 def test_filter_keeps_the_good_stories_and_counts_reasons(tmp_path, fake):
@@ -177,6 +182,62 @@ def test_resume_removes_a_crashed_pairs_partial_records(tmp_path, fake):
     assert len(done.read_text().splitlines()) == 4
     records, problems = corpus.read_records(out)
     assert problems == [] and corpus.validate(records) == []
+
+
+def test_a_moved_output_without_its_sidecar_keeps_every_story(tmp_path, fake):
+    out = tmp_path / "moved.jsonl"
+    calm = concepts.topics()[0]
+    mine = [
+        corpus.Record(f"gen-calm-000-{n}", "story", "calm", calm, story(50 + n), "train", "me")
+        for n in (1, 2)
+    ]
+    out.write_text("".join(r.to_json() + "\n" for r in mine))
+    tally = run(fake, out, emotions=["afraid"], topics=[0])
+    records, _ = corpus.read_records(out)
+    assert records[:2] == mine and len(records) == 2 + tally.kept == 4
+    done = [json.loads(line) for line in (tmp_path / "moved.jsonl.done").read_text().splitlines()]
+    assert [(d["emotion"], d["kept"]) for d in done] == [("calm", 2), ("afraid", 2)]
+    assert "rebuilt from the output as 1 pair(s)" in tally.summary()
+    again = FakeBackend()
+    assert run(again, out, emotions=["calm", "afraid"], topics=[0]).skipped == 2
+    assert again.asked == [] and corpus.read_records(out)[0] == records
+
+
+def test_unfinished_pairs_outside_this_run_are_left_alone(tmp_path, fake):
+    out, done = tmp_path / "gen.jsonl", tmp_path / "gen.jsonl.done"
+    run(fake, out, emotions=["afraid"], topics=[0])
+    other = corpus.Record(
+        "gen-calm-001-1", "story", "calm", concepts.topics()[1], story(7), "train", "x"
+    )
+    with open(out, "a") as handle:
+        handle.write(other.to_json() + "\n")  # no line in gen.jsonl.done: unfinished
+    run(fake, out, emotions=["afraid"], topics=[1])
+    assert other in corpus.read_records(out)[0]
+    run(fake, out, emotions=["calm"], topics=[1])  # now it is this run's pair: redone
+    records = corpus.read_records(out)[0]
+    assert other not in records and len(records) == 6 and len(done.read_text().splitlines()) == 3
+
+
+def test_unreadable_outputs_are_one_line_errors(tmp_path, fake):
+    out = tmp_path / "gen.jsonl"
+    out.write_bytes(b'{"id": "x", "text": "caf\xe9"}\n')
+    with pytest.raises(EmolensError, match=r"gen.jsonl:1: not UTF-8 text"):
+        run(fake, out)
+    out.write_text("[" * 100_000 + "]" * 100_000 + "\n{}\n")
+    with pytest.raises(EmolensError, match=r"gen.jsonl:1: malformed JSON \(nested too deeply\)"):
+        run(fake, out)
+    assert fake.asked == []
+
+
+def test_records_holding_line_separators_survive_a_resume(tmp_path, fake):
+    out = tmp_path / "gen.jsonl"
+    mine = corpus.Record(
+        "mine", "story", "calm", "x", story(9) + "\u2028" + story(10), "train", "me"
+    )
+    out.write_text(mine.to_json() + "\n")
+    run(fake, out, emotions=["afraid"], topics=[0])
+    run(fake, out, emotions=["afraid"], topics=[0, 1])
+    assert corpus.read_records(out)[0][0] == mine
 
 
 def test_output_already_in_the_file_counts_as_duplicate_and_is_kept(tmp_path, fake):

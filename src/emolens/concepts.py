@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from functools import cache
@@ -19,16 +20,36 @@ def _lines(name: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's content (a leading byte-order mark dropped); a missing file, a
+    directory or bytes that are not UTF-8 raise an EmolensError naming the file and line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise EmolensError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise EmolensError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
+            f"{error.start}); save the file as UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff")
+
+
 def load_jsonl(path: Path, required: dict[str, type]) -> list[dict]:
     """Rows of a JSONL data file, each checked for required fields and types (file:line errors)."""
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise EmolensError(f"{path}:{number}: malformed JSON ({error.msg})") from None
+        except RecursionError:
+            raise EmolensError(f"{path}:{number}: malformed JSON (nested too deeply)") from None
         for name, kind in required.items():
             if not isinstance(row.get(name), kind):
                 raise EmolensError(
@@ -76,7 +97,7 @@ def ratings(path: str | os.PathLike | None = None) -> dict[str, tuple[float, flo
     path = Path(path) if path is not None else DATA / "ratings.csv"
     if not path.is_file():
         raise EmolensError(f"{path}: no such ratings file")
-    with open(path, newline="", encoding="utf-8") as handle:
+    with io.StringIO(read_text(path), newline="") as handle:
         reader = csv.DictReader(handle)
         fields = set(reader.fieldnames or ())
         if not {"word", "valence", "arousal"} <= fields:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import os
 import re
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 
 from emolens import concepts
@@ -20,8 +24,11 @@ KINDS = ("story", "neutral")
 SPLITS = ("train", "heldout")
 WORD_RANGE = {"story": (50, 150), "neutral": (20, 300)}
 NEAR_DUPLICATE = 0.3  # word 5-gram Jaccard at or above which two texts are near-duplicates
+SIZE_GROUP_RATIO = 1.25  # duplicate index: kept texts grouped by 5-gram count, in this ratio
+SHOWN_COPIES = 5  # further copies of a near-duplicate group listed in its problem
 DEFAULT_FILES = ("stories.jsonl", "neutral.jsonl")
 ROLE_PREFIXES = {"System: ": "system", "Human: ": "user", "Assistant: ": "assistant"}
+_NON_LETTERS = re.compile(r"[^a-z]+")
 
 
 @dataclass(frozen=True)
@@ -57,37 +64,158 @@ class Problem:
 
 def words(text: str) -> list[str]:
     """Lower-case letter runs: the unit of leak and duplicate checks."""
-    return re.sub(r"[^a-z]+", " ", text.lower()).split()
+    return _NON_LETTERS.sub(" ", text.lower()).split()
+
+
+@lru_cache(maxsize=1024)
+def _normalized(banned: tuple[str, ...]) -> tuple[list[tuple[str, str]], int]:
+    """Each banned phrase with its words joined by spaces, and the most words in one."""
+    phrases = [(phrase, " ".join(words(phrase))) for phrase in banned]
+    return phrases, max((normal.count(" ") + 1 for _, normal in phrases if normal), default=0)
 
 
 def leaks(text: str, banned: Iterable[str]) -> list[str]:
     """The banned words or phrases that occur in `text` as whole word sequences."""
-    padded = f" {' '.join(words(text))} "
-    return [phrase for phrase in banned if f" {' '.join(words(phrase))} " in padded]
-
-
-def shingles(text: str, n: int = 5) -> set[tuple[str, ...]]:
+    phrases, longest = _normalized(tuple(banned))
     tokens = words(text)
-    return {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
+    present = set().union(*(_grams(tokens, n) for n in range(1, longest + 1)))
+    return [phrase for phrase, normal in phrases if normal in present]
 
 
-def near_duplicates(
-    texts: Sequence[str], threshold: float = NEAR_DUPLICATE
-) -> list[tuple[int, int, float]]:
-    """Pairs (i, j, jaccard) of texts whose word 5-gram Jaccard is at least `threshold`."""
-    sets = [shingles(text) for text in texts]
-    postings: dict[tuple[str, ...], list[int]] = defaultdict(list)
-    for index, grams in enumerate(sets):
+def _grams(tokens: list[str], n: int) -> Iterator[str]:
+    return map(" ".join, zip(*(tokens[k:] for k in range(n)), strict=False))
+
+
+def shingles(text: str, n: int = 5) -> set[str]:
+    """The word n-grams of a text, each as its words joined by spaces."""
+    return set(_grams(words(text), n))
+
+
+def jaccard(a: Set[str], b: Set[str]) -> float:
+    """|a & b| / |a | b| (0 for two empty sets)."""
+    inter = len(a & b)
+    return inter / (len(a) + len(b) - inter) if a or b else 0.0
+
+
+class DuplicateIndex:
+    """Kept texts, searchable for the near-duplicates of a new one.
+
+    A text near-duplicates a kept one when their word 5-gram Jaccard is at least `threshold`;
+    texts under 5 words have no 5-grams and duplicate nothing. Identical word sequences are
+    found by hash. Otherwise the kept texts are grouped by their number of 5-grams r, and in
+    each group only those that share one of the new text's rarest 5-grams are compared: a text
+    with q 5-grams shares at least threshold * (q + r) / (1 + threshold) of them with any text
+    it near-duplicates, so that many minus one of its most common 5-grams are skipped without
+    missing one (prefix filtering). Those are the 5-grams whose lists of texts could be long: a
+    shared preamble costs nothing unless it is nearly half of a text. Every match is confirmed
+    by the exact Jaccard of the two 5-gram sets.
+    """
+
+    def __init__(self, threshold: float = NEAR_DUPLICATE) -> None:
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        self.threshold = threshold
+        self.labels: list[object] = []
+        self.grams: list[frozenset[str]] = []
+        # size group -> 5-gram -> kept texts (their keys) of that group holding it
+        self.postings: defaultdict[int, defaultdict[str, list[int]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
+        self.sizes: dict[int, tuple[int, int]] = {}  # size group -> fewest, most 5-grams in it
+        self.exact: dict[bytes, object] = {}  # hash of a kept text's words -> its label
+
+    def match(self, text: str) -> tuple[object, float] | None:
+        """(label, Jaccard) of the kept text that `text` near-duplicates most, or None."""
+        return self._match(*self._digest(text))
+
+    def add(self, text: str, label: object = None) -> None:
+        """Keep `text` under `label`, whatever it duplicates (a repeat of a kept text's words
+        changes nothing)."""
+        digest, grams = self._digest(text)
+        self._add(digest, grams, label)
+
+    def keep(self, text: str, label: object = None) -> tuple[object, float] | None:
+        """Keep `text` under `label` unless it near-duplicates a kept text; that match, or None."""
+        digest, grams = self._digest(text)
+        found = self._match(digest, grams)
+        if found is None:
+            self._add(digest, grams, label)
+        return found
+
+    @staticmethod
+    def _digest(text: str) -> tuple[bytes, frozenset[str]]:
+        tokens = words(text)
+        grams = frozenset(_grams(tokens, 5))
+        return hashlib.blake2b(" ".join(tokens).encode(), digest_size=16).digest(), grams
+
+    @staticmethod
+    def _group(size: int) -> int:
+        return int(math.log(size, SIZE_GROUP_RATIO))
+
+    def _ceiling(self, size: int, group: int) -> float:
+        """The highest Jaccard a text of `size` 5-grams can have with one of `group`."""
+        fewest, most = self.sizes[group]
+        return most / size if most < size else size / fewest if fewest > size else 1.0
+
+    def _add(self, digest: bytes, grams: frozenset[str], label: object) -> None:
+        if not grams or digest in self.exact:
+            return
+        key, group = len(self.grams), self._group(len(grams))
+        self.labels.append(label)
+        self.grams.append(grams)
+        postings = self.postings[group]
         for gram in grams:
-            postings[gram].append(index)
-    pairs = []
-    for i, grams in enumerate(sets):
-        shared = Counter(j for gram in grams for j in postings[gram] if j > i)
-        for j, inter in shared.items():
-            jaccard = inter / (len(grams) + len(sets[j]) - inter)
-            if jaccard >= threshold:
-                pairs.append((i, j, jaccard))
-    return pairs
+            postings[gram].append(key)
+        fewest, most = self.sizes.get(group, (len(grams), len(grams)))
+        self.sizes[group] = min(fewest, len(grams)), max(most, len(grams))
+        self.exact[digest] = label
+
+    def _match(self, digest: bytes, grams: frozenset[str]) -> tuple[object, float] | None:
+        if digest in self.exact:
+            return self.exact[digest], 1.0
+        if not grams:
+            return None
+        t, size, best = self.threshold, len(grams), None
+        # a near-duplicate has between t * size and size / t 5-grams; the groups whose sizes
+        # are nearest come first, so that a close match rules the farther ones out
+        low, high = max(1, math.ceil(t * size - 1e-9)), math.floor(size / t + 1e-9)
+        groups = [g for g in range(self._group(low), self._group(high) + 1) if g in self.sizes]
+        for ceiling, group in sorted(((self._ceiling(size, g), g) for g in groups), reverse=True):
+            if best is not None and ceiling <= best[1]:
+                break
+            postings, fewest = self.postings[group], max(low, self.sizes[group][0])
+            skip = math.ceil(t * (size + fewest) / (1 + t) - 1e-9) - 1  # most common, unprobed
+            indexed = postings.keys() & grams  # the others are rarer still
+            if len(indexed) <= skip:
+                continue
+            rarest = sorted(indexed, key=lambda gram: len(postings[gram]))[: len(indexed) - skip]
+            for key, count in Counter(chain.from_iterable(postings[g] for g in rarest)).items():
+                other = self.grams[key]
+                if count + skip < t * (size + len(other)) / (1 + t) - 1e-9:
+                    continue  # even sharing every skipped 5-gram would fall short
+                score = jaccard(grams, other)
+                if score >= t and (best is None or score > best[1]):
+                    best = (key, score)
+        return None if best is None else (self.labels[best[0]], best[1])
+
+
+def near_duplicate_groups(
+    texts: Sequence[str], threshold: float = NEAR_DUPLICATE
+) -> dict[int, list[tuple[int, float]]]:
+    """Near-duplicates grouped under the earlier text they copy: {first: [(index, Jaccard)]}.
+
+    Texts are taken in order and compared with the earlier texts that are not themselves
+    near-duplicates (as generation keeps stories), so every listed pair meets `threshold` and
+    removing every listed text leaves no near-duplicates.
+    """
+    index = DuplicateIndex(threshold)
+    groups: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for i, text in enumerate(texts):
+        found = index.keep(text, i)
+        if found is not None:
+            first, score = found
+            groups[first].append((i, score))
+    return dict(groups)
 
 
 def dialogue_messages(text: str) -> list[dict[str, str]]:
@@ -109,6 +237,8 @@ def _parse_line(path: str, number: int, line: str) -> Record | Problem:
         data = json.loads(line)
     except json.JSONDecodeError as error:
         return Problem(path, number, "malformed JSON", error.msg)
+    except RecursionError:
+        return Problem(path, number, "malformed JSON", "nested too deeply")
     if not isinstance(data, dict):
         return Problem(path, number, "malformed JSON", "a record must be a JSON object")
     missing = [name for name in FIELDS if name not in data]
@@ -121,13 +251,14 @@ def _parse_line(path: str, number: int, line: str) -> Record | Problem:
 
 
 def read_records(path: str | os.PathLike) -> tuple[list[Record], list[Problem]]:
-    """Parse one JSONL file; unreadable lines become problems, never exceptions."""
+    """Parse one JSONL file; unparsable lines become problems. A file that cannot be read as
+    UTF-8 text is an EmolensError naming its first bad line."""
     records, problems = [], []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                parsed = _parse_line(str(path), number, line)
-                (records if isinstance(parsed, Record) else problems).append(parsed)
+    lines = io.StringIO(concepts.read_text(path), newline=None)  # \n, \r\n or \r line ends
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            parsed = _parse_line(str(path), number, line)
+            (records if isinstance(parsed, Record) else problems).append(parsed)
     return records, problems
 
 
@@ -137,12 +268,14 @@ def corpus_files(path: str | os.PathLike | None = None) -> list[Path]:
         return [concepts.DATA / name for name in DEFAULT_FILES]
     path = Path(path)
     if path.is_dir():
-        found = sorted(path.glob("*.jsonl"))
+        found = sorted(p for p in path.glob("*.jsonl") if p.is_file())
         if not found:
             raise EmolensError(f"{path}: no .jsonl files in this directory")
         return found
-    if not path.is_file():
+    if not path.exists():
         raise EmolensError(f"{path}: no such corpus file or directory")
+    if not path.is_file():
+        raise EmolensError(f"{path}: not a regular file")
     return [path]
 
 
@@ -178,12 +311,20 @@ def validate(records: Sequence[Record]) -> list[Problem]:
         if r.kind == "neutral":
             problems.extend(_dialogue_problems(r))
     problems.extend(_split_problems(records))
-    for i, j, jaccard in near_duplicates([r.text for r in records]):
-        a, b = records[i], records[j]
-        problems.append(
-            Problem(b.file, b.line, "near-duplicate", f"of {a.id} ({a.file}:{a.line}), 5-gram Jaccard {jaccard:.2f}")
-        )  # fmt: skip
+    for first, copies in near_duplicate_groups([r.text for r in records]).items():
+        problems.append(_duplicate_problem(records[first], [(records[i], j) for i, j in copies]))
     return problems
+
+
+def _duplicate_problem(first: Record, copies: list[tuple[Record, float]]) -> Problem:
+    """One problem for a group of near-duplicates, at the first copy."""
+    (copy, score), others = copies[0], [r for r, _ in copies[1:]]
+    message = f"of {first.id} ({first.file}:{first.line}), 5-gram Jaccard {score:.2f}"
+    if others:
+        places = [str(r.line) if r.file == copy.file else f"{r.file}:{r.line}" for r in others]
+        listed = ", ".join(places[:SHOWN_COPIES]) + (", ..." if len(places) > SHOWN_COPIES else "")
+        message += f" (and {len(others)} other near-duplicate(s) of it: line(s) {listed})"
+    return Problem(copy.file, copy.line, "near-duplicate", message)
 
 
 def _dialogue_problems(record: Record) -> list[Problem]:
@@ -217,13 +358,31 @@ def _split_problems(records: Sequence[Record]) -> list[Problem]:
 
 
 def check(path: str | os.PathLike | None = None) -> tuple[list[Record], list[Problem]]:
-    """Parse and validate a corpus; returns its records and every problem found."""
+    """Parse and validate a corpus; returns its records and every problem found. A corpus
+    without a single line of text is an EmolensError."""
     records, problems = [], []
-    for file in corpus_files(path):
+    files = corpus_files(path)
+    for file in files:
         found, bad = read_records(file)
         records += found
         problems += bad
+    if not records and not problems:
+        where = files[0] if len(files) == 1 else path
+        raise EmolensError(f"{where}: the corpus has no records (empty or only blank lines)")
     return records, problems + validate(records)
+
+
+def build_warnings(records: Sequence[Record]) -> list[str]:
+    """Why valid records are not yet a corpus that `emolens build` accepts: it needs training
+    stories for the emotion vectors and neutral dialogues for denoising."""
+    missing = []
+    if not any(r.kind == "story" and r.split == "train" for r in records):
+        missing.append("training stories")
+    if not any(r.kind == "neutral" for r in records):
+        missing.append("neutral dialogues (denoising needs them)")
+    if not missing:
+        return []
+    return [f"no {' and no '.join(missing)}: `emolens build` cannot use this corpus alone"]
 
 
 @dataclass

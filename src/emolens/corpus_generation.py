@@ -2,9 +2,10 @@
 
 One prompt per emotion x topic asks for N numbered one-paragraph stories in which a character
 feels the emotion without it ever being named. The reply is parsed into stories; leaks,
-stories outside the word range and near-duplicates (of anything already in the output or
-kept earlier in the run) are dropped. Kept stories are appended to a JSONL file, one pair at a
-time; a sidecar `OUT.done` lists finished pairs, so a re-run resumes where the last one ended.
+stories outside the word range and near-duplicates (by `emolens corpus check`'s rule, of what
+is already in the output or kept earlier in the run) are dropped. Kept stories are appended to
+a JSONL file, one pair at a time; a sidecar `OUT.done` lists finished pairs, so a re-run
+resumes where the last one ended.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TextIO
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from emolens import concepts
 from emolens.atomic import atomic_path
-from emolens.corpus import NEAR_DUPLICATE, WORD_RANGE, Record, leaks, shingles
+from emolens.corpus import WORD_RANGE, DuplicateIndex, Record, leaks
 from emolens.errors import EmolensError
 
 if TYPE_CHECKING:
@@ -147,31 +148,6 @@ def _is_heading(line: str) -> bool:
     return not line or line.endswith(":") or short
 
 
-class DuplicateIndex:
-    """Texts seen so far, searchable for near-duplicates by word 5-gram Jaccard."""
-
-    def __init__(self, texts: Iterable[str] = (), threshold: float = NEAR_DUPLICATE) -> None:
-        self.threshold = threshold
-        self.sizes: list[int] = []
-        self.postings: dict[tuple[str, ...], list[int]] = defaultdict(list)
-        for text in texts:
-            self.add(text)
-
-    def add(self, text: str) -> None:
-        grams = shingles(text)
-        for gram in grams:
-            self.postings[gram].append(len(self.sizes))
-        self.sizes.append(len(grams))
-
-    def is_duplicate(self, text: str) -> bool:
-        grams = shingles(text)
-        shared = Counter(j for gram in grams if gram in self.postings for j in self.postings[gram])
-        return any(
-            inter / (len(grams) + self.sizes[j] - inter) >= self.threshold
-            for j, inter in shared.items()
-        )
-
-
 def screen(story: str | None, emotion: str, seen: DuplicateIndex) -> str | None:
     """Why a parsed story is rejected (one of REASONS), or None if it may be kept."""
     if story is None:
@@ -181,7 +157,7 @@ def screen(story: str | None, emotion: str, seen: DuplicateIndex) -> str | None:
     low, high = WORD_RANGE["story"]
     if not low <= len(story.split()) <= high:
         return "length"
-    if seen.is_duplicate(story):
+    if seen.match(story) is not None:
         return "duplicate"
     return None
 
@@ -194,6 +170,7 @@ class Tally:
     skipped: int = 0
     kept: int = 0
     rejected: Counter = field(default_factory=Counter)
+    rebuilt: int = 0  # finished pairs read from the output because its .done was missing
 
     @property
     def parsed(self) -> int:
@@ -202,8 +179,13 @@ class Tally:
 
     def summary(self) -> str:
         reasons = ", ".join(f"{reason} {self.rejected[reason]}" for reason in REASONS)
+        rebuilt = (
+            f"the .done list was missing: rebuilt from the output as {self.rebuilt} pair(s)\n"
+            if self.rebuilt
+            else ""
+        )
         return (
-            f"pairs done: {self.pairs} (skipped as already done: {self.skipped})\n"
+            f"{rebuilt}pairs done: {self.pairs} (skipped as already done: {self.skipped})\n"
             f"stories parsed: {self.parsed}, kept: {self.kept}, "
             f"rejected: {sum(self.rejected.values())} ({reasons})"
         )
@@ -271,9 +253,16 @@ def generate(
     Emotions and topics are as `pick_emotions` and `pick_topics` take them (None: all). Kept
     stories are appended to `out` (JSONL records, kind "story", split "heldout" for
     `heldout_topics`, else "train", source `backend.name`) and each finished pair to
-    `out.done`. Generated records (ids starting with ID_PREFIX) of pairs missing from
-    `out.done` (left by a crash) are removed first; other lines are kept. `batch_size` prompts are sent to the backend together; `max_new_tokens` defaults to
-    TOKENS_PER_STORY per requested story.
+    `out.done`. Before that, generated records (ids starting with ID_PREFIX) of the pairs this
+    run is about to write are removed: a crash left them without their `out.done` line. No
+    other line of `out` is ever removed. `batch_size` prompts are sent to the backend
+    together; `max_new_tokens` defaults to TOKENS_PER_STORY per requested story.
+
+    A missing `out.done` (the output was moved or copied without it) is rebuilt from the
+    generated records in `out`, every pair found there counting as finished. Rebuilding keeps
+    every story and resumes where the file ends; its one cost is that a pair cut short by a
+    crash just before the move keeps its partial stories. Refusing instead would leave the user
+    to write the sidecar by hand, and guessing wrong there is how stories were lost.
     """
     emotions = pick_emotions(emotions)
     topics = pick_topics(topics)
@@ -292,11 +281,19 @@ def generate(
         raise EmolensError(f"{out}: is a directory; give the output .jsonl file")
     out.parent.mkdir(parents=True, exist_ok=True)
     done_path = out.with_name(out.name + ".done")
-    finished = _read_done(done_path)
-    seen = DuplicateIndex(_recover(out, finished))
+    rows, torn = _read_lines(out)
+    tally = Tally()
+    if done_path.exists():
+        finished = _read_done(done_path)
+    else:
+        finished = _rebuild_done(done_path, rows)
+        tally.rebuilt = len(finished)
     pairs = [(e, t) for e in emotions for t in topics]
     todo = [(n, e, t) for n, (e, t) in enumerate(pairs) if (e, names[t]) not in finished]
-    tally = Tally(skipped=len(pairs) - len(todo))
+    tally.skipped = len(pairs) - len(todo)
+    seen = DuplicateIndex()
+    for text in _recover(out, rows, torn, {(e, names[t]) for _, e, t in todo}):
+        seen.keep(text)
     bar = tqdm(total=len(todo), unit="pair", desc="generate", disable=not progress)
     with (
         bar,
@@ -351,17 +348,21 @@ def _read_lines(path: Path) -> tuple[list[tuple[str, object]], bool]:
     partial last line (from a crash) is dropped, and the file must end with a newline."""
     if not path.exists():
         return [], False
-    text = path.read_text(encoding="utf-8")
-    rows, lines = [], text.splitlines()
+    text = concepts.read_text(path)
+    lines = text.split("\n")  # not splitlines(): JSON strings may hold U+2028 and the like
+    if lines[-1] == "":
+        lines.pop()
+    rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rows.append((line, json.loads(line)))
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, RecursionError) as error:
             if number == len(lines) and not text.endswith("\n"):
                 return rows, True
-            raise EmolensError(f"{path}:{number}: malformed JSON ({error.msg})") from None
+            why = getattr(error, "msg", "nested too deeply")
+            raise EmolensError(f"{path}:{number}: malformed JSON ({why})") from None
     return rows, bool(text) and not text.endswith("\n")
 
 
@@ -370,7 +371,10 @@ def _read_done(path: Path) -> set[tuple[str, str]]:
     rows, rewrite = _read_lines(path)
     finished = set()
     for number, (_, data) in enumerate(rows, 1):
-        if not (isinstance(data, dict) and {"emotion", "topic"} <= data.keys()):
+        if not (
+            isinstance(data, dict)
+            and all(isinstance(data.get(k), str) for k in ("emotion", "topic"))
+        ):
             raise EmolensError(f"{path}:{number}: expected an object with 'emotion' and 'topic'")
         finished.add((data["emotion"], data["topic"]))
     if rewrite:
@@ -378,19 +382,34 @@ def _read_done(path: Path) -> set[tuple[str, str]]:
     return finished
 
 
-def _recover(out: Path, finished: set[tuple[str, str]]) -> list[str]:
-    """Remove generated records of unfinished pairs from `out`; return the texts it keeps."""
-    rows, rewrite = _read_lines(out)
-    keep = [
-        (line, data)
-        for line, data in rows
-        if not (
-            isinstance(data, dict)
-            and str(data.get("id", "")).startswith(ID_PREFIX)
-            and (data.get("emotion"), data.get("topic")) not in finished
-        )
+def _generated_pair(data: object) -> tuple[str, str] | None:
+    """The (emotion, topic) of a generated record; None for any other line."""
+    if isinstance(data, dict) and str(data.get("id", "")).startswith(ID_PREFIX):
+        pair = data.get("emotion"), data.get("topic")
+        if all(isinstance(name, str) for name in pair):
+            return pair
+    return None
+
+
+def _rebuild_done(path: Path, rows: list[tuple[str, object]]) -> set[tuple[str, str]]:
+    """Write a sidecar listing every pair that has generated records in `rows`; those pairs."""
+    kept = Counter(pair for _, d in rows if (pair := _generated_pair(d)))
+    lines = [
+        json.dumps({"emotion": emotion, "topic": topic, "kept": count, "rebuilt": True})
+        for (emotion, topic), count in kept.items()
     ]
-    if rewrite or len(keep) < len(rows):
+    if lines:
+        _rewrite(path, lines)
+    return set(kept)
+
+
+def _recover(
+    out: Path, rows: list[tuple[str, object]], torn: bool, redo: set[tuple[str, str]]
+) -> list[str]:
+    """Remove from `out` a torn last line and the generated records of the pairs in `redo`
+    (written by a run that crashed before finishing them); return the texts it keeps."""
+    keep = [(line, data) for line, data in rows if _generated_pair(data) not in redo]
+    if torn or len(keep) < len(rows):
         _rewrite(out, [line for line, _ in keep])
     return [d["text"] for _, d in keep if isinstance(d, dict) and isinstance(d.get("text"), str)]
 

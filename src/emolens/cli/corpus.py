@@ -12,6 +12,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     check = actions.add_parser("check", help="validate a corpus and print a summary")
     check.add_argument("path", nargs="?", default=None, help="file or directory (default: shipped)")
+    check.add_argument(
+        "--max-problems",
+        type=int,
+        default=50,
+        metavar="N",
+        help="print at most N problems, then their count (0: all; default 50)",
+    )
     check.set_defaults(run=run_check)
 
     generate = actions.add_parser(
@@ -57,12 +64,17 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from emolens.corpus import check, summary
+    from emolens.corpus import build_warnings, check, summary
 
     records, problems = check(args.path)
     print(summary(records))
-    for problem in problems:
+    shown = problems[: args.max_problems] if args.max_problems > 0 else problems
+    for problem in shown:
         print(problem)
+    if len(shown) < len(problems):
+        print(f"... and {len(problems) - len(shown)} more problem(s) (--max-problems 0 lists all)")
+    for warning in build_warnings(records):
+        print(f"warning: {warning}")
     print(f"{len(records)} records, {len(problems)} problem(s)")
     return 1 if problems else 0
 
