@@ -1,0 +1,1 @@
+"""Behavioural experiments: scenarios, items, graders and the judge."""
