@@ -1,0 +1,1 @@
+"""Behavioural experiments: sandboxed coding tasks, reward-hacking grades."""
