@@ -1,1 +1,1 @@
-"""Behavioural experiments: scenarios, items, graders and the judge."""
+"""Behavioural experiments: sandboxed coding tasks, reward-hacking grades."""
