@@ -50,28 +50,38 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Any]]:
     return [(number, parse_line(path, number, line)) for number, line in read_lines(path)]
 
 
-def recover(path: str | os.PathLike) -> list[tuple[int, Any]]:
+def recover(
+    path: str | os.PathLike, *, tolerant: bool = False, problems: list[str] | None = None
+) -> list[tuple[int, Any]]:
     """The complete lines of an append-only log. A last line cut short by a crash (no
-    newline, not valid JSON) is removed from the file atomically; a malformed line anywhere
-    else is an error, so nothing intact is ever dropped."""
+    newline, not valid JSON) is removed from the file atomically. A malformed line anywhere
+    else is an error, or with `tolerant` a message added to `problems` (the line is skipped
+    and left in the file): nothing intact is ever dropped."""
     path = Path(path)
     if not path.exists():
         return []
     lines = list(read_lines(path))
     cut = bool(lines) and not path.read_bytes().endswith(b"\n")
-    rows = []
+    rows, kept = [], []
     for position, (number, line) in enumerate(lines):
         if cut and position == len(lines) - 1:
             try:
                 rows.append((number, json.loads(line)))
+                kept.append(line)
             except (json.JSONDecodeError, RecursionError):
                 pass
             break
-        rows.append((number, parse_line(path, number, line)))
+        try:
+            rows.append((number, parse_line(path, number, line)))
+        except EmolensError as error:
+            if not tolerant:
+                raise
+            if problems is not None:
+                problems.append(str(error))
+        kept.append(line)
     if cut:
-        kept = "".join(lines[i][1].rstrip("\n") + "\n" for i in range(len(rows)))
         with atomic_path(path) as staging:
-            staging.write_text(kept, encoding="utf-8")
+            staging.write_text("".join(line.rstrip("\n") + "\n" for line in kept), encoding="utf-8")
     return rows
 
 

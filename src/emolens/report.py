@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,7 @@ def write_report(
     step = _Steps(progress)
     report: dict[str, Any] = {
         "emolens": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": dict(lm.fingerprint),
         "bank": {"path": str(bank_path) if bank_path else None, "emotions": len(bank.emotions),
                  "layers": bank.layers, "default_layer": bank.default_layer,
