@@ -236,8 +236,8 @@ class Experiment(ABC):
         """The study from plain options (the Python API); `limit` keeps the first items."""
         raise NotImplementedError
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:  # noqa: B027 - optional
+    @classmethod  # noqa: B027 - studies without options keep this empty default
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Options of this study for `emolens experiment NAME` (none by default)."""
 
     @classmethod
