@@ -119,10 +119,16 @@ def test_dialogue_parsing():
 def test_ratings_loader_names_file_line_and_field(tmp_path):
     path = tmp_path / "norms.csv"
     path.write_text("word,valence,arousal\nhappy,8.1,6.0\nsad,low,3\n")
-    with pytest.raises(EmolensError, match=r"norms.csv:3: field 'valence' is not a number"):
+    with pytest.raises(EmolensError, match=r"norms.csv:3: field 'valence' is not a finite number"):
         concepts.ratings(path)
     path.write_text("term,v,a\nhappy,1,2\n")
     with pytest.raises(EmolensError, match="norms.csv:1: header"):
+        concepts.ratings(path)
+    path.write_text("word,valence,arousal\nhappy,nan,2\n")
+    with pytest.raises(EmolensError, match="norms.csv:2: field 'valence' is not a finite number"):
+        concepts.ratings(path)
+    path.write_text("word,valence,arousal\n,3,2\n")
+    with pytest.raises(EmolensError, match="norms.csv:2: field 'word' is empty"):
         concepts.ratings(path)
 
 
@@ -266,3 +272,34 @@ def test_ratings_loader_rejects_non_utf8_and_reads_a_byte_order_mark(tmp_path):
         concepts.ratings(path)
     path.write_bytes("word,valence,arousal\nhappy,8,6\n".encode("utf-8-sig"))
     assert concepts.ratings(path) == {"happy": (8.0, 6.0)}
+
+
+def test_shipped_cross_genre_texts(shipped):
+    records, _ = shipped
+    genres = [r for r in records if r.kind in corpus.GENRES]
+    validation = Counter((r.emotion, r.kind) for r in genres if r.split == "validation")
+    train = Counter((r.emotion, r.kind) for r in genres if r.split == "train")
+    emotions = {e for e, _ in validation}
+    assert len(emotions) >= 36 and set(concepts.showcase()) <= emotions
+    assert all(validation[(e, g)] >= 10 for e in emotions for g in corpus.GENRES)
+    assert all(train[(e, g)] >= 2 for e in concepts.emotions() for g in corpus.GENRES)
+    assert all(bool(r.context) == (r.kind == "dialogue") for r in genres)
+    texts = {r.text for r in genres if r.split == "validation"}
+    assert not texts & {r.text for r in genres if r.split == "train"}
+    loaded = corpus.load()
+    assert len(loaded.genres("validation")) == len([r for r in genres if r.split == "validation"])
+    assert not {r.id for r in loaded.stories()} & {r.id for r in loaded.genres()}
+
+
+def test_cross_genre_records_are_checked(tmp_path):
+    rows = [
+        dict(id="a", kind="comment", emotion="calm", topic="", text="i feel so calm right now ok", split="validation", source="x"),
+        dict(id="b", kind="dialogue", emotion="happy", topic="", text="We did it, we really did it!", split="validation", source="x"),
+        dict(id="c", kind="diary", emotion="sad", topic="", text="short", split="heldout", source="x", context="Nope."),
+    ]  # fmt: skip
+    path = tmp_path / "genres.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, problems = corpus.check(path)
+    rules = {(p.line, p.rule) for p in problems}
+    assert (1, "leak") in rules and (2, "context") in rules
+    assert {(3, "unknown split"), (3, "context"), (3, "length")} <= rules

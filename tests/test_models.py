@@ -110,3 +110,25 @@ def test_embedded_model_loads_offline(embedded):
     assert embedded.has_chat_template
     assert embedded.default_layer() == 20
     assert embedded.fingerprint["source"].startswith("gguf:")
+
+
+def test_bad_devices_and_corrupt_weights_are_clear_errors(tmp_path):
+    from tests.conftest import tiny_llama
+
+    for device, match in [("bogus", "unknown device"), ("cuda:7", "not available|only"),
+                          ("cuda", "not available|only")]:  # fmt: skip
+        if (
+            device.startswith("cuda")
+            and torch.cuda.is_available()
+            and torch.cuda.device_count() > 7
+        ):
+            continue
+        with pytest.raises(EmolensError, match=match):
+            load_model(tmp_path, device=device)
+    lm = tiny_llama()
+    lm.model.save_pretrained(tmp_path / "m")
+    lm.tokenizer.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    with pytest.raises(EmolensError, match="unreadable weights"):
+        load_model(tmp_path / "m")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from functools import cache
 from importlib.resources import files
@@ -106,15 +107,28 @@ def ratings(path: str | os.PathLike | None = None) -> dict[str, tuple[float, flo
                 f"(found {', '.join(reader.fieldnames or []) or 'nothing'})"
             )
         table = {}
-        for row in reader:
-            for field in ("valence", "arousal"):
-                try:
-                    float(row[field])
-                except (TypeError, ValueError):
-                    raise EmolensError(
-                        f"{path}:{reader.line_num}: field '{field}' is not a number: {row[field]!r}"
-                    ) from None
-            table[row["word"].strip().lower()] = (float(row["valence"]), float(row["arousal"]))
+        try:
+            for row in reader:
+                values = []
+                for field in ("valence", "arousal"):
+                    try:
+                        value = float(row[field])
+                    except (TypeError, ValueError):
+                        value = math.nan
+                    if not math.isfinite(value):
+                        raise EmolensError(
+                            f"{path}:{reader.line_num}: field '{field}' is not a finite number: "
+                            f"{row[field]!r}"
+                        )
+                    values.append(value)
+                word = (row["word"] or "").strip().lower()
+                if not word:
+                    raise EmolensError(f"{path}:{reader.line_num}: field 'word' is empty")
+                table[word] = (values[0], values[1])
+        except csv.Error as error:
+            raise EmolensError(
+                f"{path}:{reader.line_num}: not a readable CSV row ({error})"
+            ) from None
     if not table:
         raise EmolensError(f"{path}: no ratings")
     return table

@@ -20,13 +20,16 @@ from emolens import concepts
 from emolens.errors import EmolensError
 
 FIELDS = ("id", "kind", "emotion", "topic", "text", "split", "source")
-KINDS = ("story", "neutral")
-SPLITS = ("train", "heldout")
-WORD_RANGE = {"story": (50, 150), "neutral": (20, 300)}
+GENRES = ("message", "comment", "dialogue", "diary")  # the cross-genre texts (transfer.jsonl)
+KINDS = ("story", "neutral", *GENRES)
+SPLITS = {"story": ("train", "heldout"), "neutral": ("train", "heldout"),
+          **{genre: ("train", "validation") for genre in GENRES}}  # fmt: skip
+WORD_RANGE = {"story": (50, 150), "neutral": (20, 300), "message": (12, 80), "comment": (4, 50),
+              "dialogue": (3, 45), "diary": (20, 90)}  # fmt: skip
 NEAR_DUPLICATE = 0.3  # word 5-gram Jaccard at or above which two texts are near-duplicates
 SIZE_GROUP_RATIO = 1.25  # duplicate index: kept texts grouped by 5-gram count, in this ratio
 SHOWN_COPIES = 5  # further copies of a near-duplicate group listed in its problem
-DEFAULT_FILES = ("stories.jsonl", "neutral.jsonl")
+DEFAULT_FILES = ("stories.jsonl", "neutral.jsonl", "transfer.jsonl")
 ROLE_PREFIXES = {"System: ": "system", "Human: ": "user", "Assistant: ": "assistant"}
 _NON_LETTERS = re.compile(r"[^a-z]+")
 
@@ -42,11 +45,15 @@ class Record:
     text: str
     split: str
     source: str
+    context: str = ""  # a dialogue line's one sentence of narrated context
     file: str = field(default="", compare=False)
     line: int = field(default=0, compare=False)
 
     def to_json(self) -> str:
-        return json.dumps({name: getattr(self, name) for name in FIELDS}, ensure_ascii=False)
+        data = {name: getattr(self, name) for name in FIELDS}
+        if self.context:
+            data["context"] = self.context
+        return json.dumps(data, ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -244,10 +251,11 @@ def _parse_line(path: str, number: int, line: str) -> Record | Problem:
     missing = [name for name in FIELDS if name not in data]
     if missing:
         return Problem(path, number, "missing field", ", ".join(missing))
-    wrong = [name for name in FIELDS if not isinstance(data[name], str)]
+    wrong = [name for name in (*FIELDS, "context") if not isinstance(data.get(name, ""), str)]
     if wrong:
         return Problem(path, number, "wrong type", f"field(s) {', '.join(wrong)} must be strings")
-    return Record(**{name: data[name] for name in FIELDS}, file=path, line=number)
+    return Record(**{name: data[name] for name in FIELDS}, context=data.get("context", ""),
+                  file=path, line=number)  # fmt: skip
 
 
 def read_records(path: str | os.PathLike) -> tuple[list[Record], list[Problem]]:
@@ -297,21 +305,27 @@ def validate(records: Sequence[Record]) -> list[Problem]:
         if r.kind not in KINDS:
             problems.append(Problem(*where, "unknown kind", f"'{r.kind}' (use {', '.join(KINDS)})"))
             continue
-        if r.split not in SPLITS:
-            problems.append(Problem(*where, "unknown split", f"'{r.split}' (use train, heldout)"))
-        if r.kind == "story" and r.emotion not in known:
+        if r.split not in SPLITS[r.kind]:
+            allowed = ", ".join(SPLITS[r.kind])
+            problems.append(Problem(*where, "unknown split", f"'{r.split}' (use {allowed})"))
+        if r.kind != "neutral" and r.emotion not in known:
             problems.append(Problem(*where, "unknown emotion", f"'{r.emotion}'"))
+        if bool(r.context.strip()) != (r.kind == "dialogue"):
+            problems.append(Problem(*where, "context", "a dialogue line needs one sentence of "
+                                    "context; other kinds have none"))  # fmt: skip
         low, high = WORD_RANGE[r.kind]
         count = len(r.text.split())
         if not low <= count <= high:
             problems.append(Problem(*where, "length", f"{count} words (allowed {low}-{high})"))
-        found = leaks(r.text, banned.get(r.emotion, ()) if r.kind == "story" else every_banned)
+        own = banned.get(r.emotion, ()) if r.kind != "neutral" else every_banned
+        found = leaks(f"{r.context} {r.text}", own)
         if found:
             problems.append(Problem(*where, "leak", f"forbidden word(s) {', '.join(found)}"))
         if r.kind == "neutral":
             problems.extend(_dialogue_problems(r))
     problems.extend(_split_problems(records))
-    for first, copies in near_duplicate_groups([r.text for r in records]).items():
+    texts = [f"{r.context} {r.text}" if r.context else r.text for r in records]
+    for first, copies in near_duplicate_groups(texts).items():
         problems.append(_duplicate_problem(records[first], [(records[i], j) for i, j in copies]))
     return problems
 
@@ -397,6 +411,10 @@ class Corpus:
     def neutral(self) -> list[Record]:
         return [r for r in self.records if r.kind == "neutral"]
 
+    def genres(self, split: str | None = None) -> list[Record]:
+        """The cross-genre texts (messages, comments, dialogue lines, diary entries)."""
+        return [r for r in self.records if r.kind in GENRES and split in (None, r.split)]
+
     def emotions(self) -> list[str]:
         """Emotions with training stories, in the study's order."""
         present = {r.emotion for r in self.stories("train")}
@@ -434,9 +452,12 @@ def summary(records: Sequence[Record]) -> str:
         if not group:
             continue
         lengths = [len(r.text.split()) for r in group]
+        topics = (
+            f"   topics {len({r.topic for r in group})}" if kind in ("story", "neutral") else ""
+        )
         lines.append(
             f"{kind:<8} {len(group):>6} texts   words min {min(lengths)} / median "
-            f"{statistics.median(lengths):.0f} / max {max(lengths)}   topics {len({r.topic for r in group})}"
+            f"{statistics.median(lengths):.0f} / max {max(lengths)}{topics}"
         )
     stories = [r for r in records if r.kind == "story"]
     if stories:
@@ -444,7 +465,7 @@ def summary(records: Sequence[Record]) -> str:
         for r in stories:
             per[r.emotion][r.split] += 1
         lines.append(f"emotions {len(per):>6} with stories")
-        for split in SPLITS:
+        for split in SPLITS["story"]:
             counts = [per[e][split] for e in per]
             lines.append(
                 f"  {split:<8} per emotion: min {min(counts)} / median {statistics.median(counts):.0f}"
@@ -460,6 +481,13 @@ def summary(records: Sequence[Record]) -> str:
         )
         first = sum(bool(re.search(r"\b(I|I'm|I'd|I've|my|me)\b", r.text)) for r in stories)
         lines.append(f"  first-person narration (approx.): {first / len(stories):.0%}")
+    genres = [r for r in records if r.kind in GENRES]
+    for split in ("validation", "train"):
+        chosen = [r for r in genres if r.split == split]
+        if chosen:
+            emotions = {r.emotion for r in chosen}
+            lines.append(f"cross-genre {split}: {len(chosen)} texts, {len(emotions)} emotions "
+                         f"({', '.join(f'{g} {sum(r.kind == g for r in chosen)}' for g in GENRES)})")  # fmt: skip
     return "\n".join(lines)
 
 

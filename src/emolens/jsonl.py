@@ -92,8 +92,11 @@ class AppendLog:
         self.path = Path(path)
         if self.path.is_dir():
             raise EmolensError(f"{self.path}: is a directory; give a .jsonl file")
+        if self.path.is_symlink():  # appending through a link would write to its target
+            raise EmolensError(f"{self.path}: is a symbolic link; give the file itself")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle: TextIO = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        self._handle: TextIO = os.fdopen(os.open(self.path, flags, 0o644), "a", encoding="utf-8")
 
     def write(self, rows: Iterable[Any]) -> None:
         text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)

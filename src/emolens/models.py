@@ -240,9 +240,30 @@ class LoadedModel:
 
 
 def _default_device(device: str | None) -> str:
-    if device is not None:
+    """The device to load on (None: a GPU if there is one), checked before any loading."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
         return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EmolensError(
+            f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto"
+        ) from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise EmolensError(
+            f"device {device!r} is not available: this torch build has no CUDA or no GPU is visible"
+        )
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise EmolensError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) visible")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise EmolensError(f"device {device!r} is not available on this machine")
+    if chosen.type not in ("cpu", "cuda", "mps"):
+        raise EmolensError(
+            f"device {device!r} is not supported: use cpu, cuda, cuda:N, mps or auto"
+        )
+    return device
 
 
 def _default_dtype(device: str, dtype: str | torch.dtype | None) -> torch.dtype:
@@ -312,6 +333,13 @@ def _from_pretrained(source: str | Path, name: str, device: str, dtype: torch.dt
         raise EmolensError(f"cannot load model '{name}': {_first_line(error)}") from None
     except ValueError as error:
         raise EmolensError(f"'{name}' is not a supported causal LM: {_first_line(error)}") from None
+    except (
+        Exception
+    ) as error:  # a corrupt weights file: safetensors and torch raise their own types
+        raise EmolensError(
+            f"cannot load model '{name}': unreadable weights ({type(error).__name__}: "
+            f"{_first_line(error)})"
+        ) from None
     if device != "auto":
         model.to(device)
     model.eval()
