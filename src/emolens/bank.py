@@ -112,6 +112,17 @@ class EmotionBank:
         """Mean residual norm at `layer`: steering strength 1.0 adds a vector this long."""
         return float(self.mean_norm[self.layer_index(layer)])
 
+    def digest(self) -> str:
+        """A short digest of what the bank reads and steers with: emotions, layers, vectors
+        and norms (not its metadata)."""
+        import hashlib
+
+        sha = hashlib.sha256(json.dumps([self.emotions, self.layers]).encode())
+        for variant in sorted(self.vectors):
+            sha.update(self.vectors[variant].float().contiguous().numpy().tobytes())
+        sha.update(self.mean_norm.float().contiguous().numpy().tobytes())
+        return sha.hexdigest()[:16]
+
     def steering(
         self,
         strengths: Mapping[str, float],

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from emolens.bank import EmotionBank
+from emolens.calibration import resolve_baseline
 from emolens.capture import check_layers, pad, plan_batches, residuals, special_ids
 from emolens.chat import Rendered, render
 from emolens.errors import EmolensError
@@ -108,6 +109,7 @@ class Readout:
     cosine: torch.Tensor
     valid: torch.Tensor
     reply_starts: list[int]
+    baseline: torch.Tensor | None = None  # subtracted from `projection` (see calibration.py)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -296,9 +298,11 @@ def _check_length(lm: LoadedModel, n: int) -> None:
 
 def _readout(
     lm: LoadedModel, bank: EmotionBank, rendered: Rendered, states: torch.Tensor, layer: int,
-    variant: str,
+    variant: str, offset: torch.Tensor | None = None,
 ) -> Readout:  # fmt: skip
     projection, cosine = _projection_and_cosine(states, bank, layer, variant)
+    if offset is not None:
+        projection = projection - offset
     ids = torch.tensor(rendered.ids)
     valid = ~torch.isin(ids, special_ids(lm.tokenizer))
     valid[0] = False
@@ -316,6 +320,7 @@ def _readout(
         cosine=cosine,
         valid=valid,
         reply_starts=rendered.reply_starts,
+        baseline=offset,
     )
 
 
@@ -326,6 +331,7 @@ def read(
     *,
     layer: int | None = None,
     variant: str = "denoised",
+    baseline: str | torch.Tensor | None = None,
 ) -> Readout:
     """Read every emotion of `bank` at every token of a text or a conversation.
 
@@ -335,10 +341,11 @@ def read(
     `reply_start()` gives the reading where the assistant's reply would begin.
     """
     layer = resolve_layer(lm, bank, layer)
+    offset = resolve_baseline(lm, bank, baseline, layer, variant)
     rendered = _render(lm, text_or_messages)
     ids = torch.tensor([rendered.ids], dtype=torch.long)
     states = residuals(lm, ids, torch.ones_like(ids), [layer])[layer][0]
-    return _readout(lm, bank, rendered, states, layer, variant)
+    return _readout(lm, bank, rendered, states, layer, variant, offset)
 
 
 def _render(lm: LoadedModel, item: str | Sequence[dict]) -> Rendered:
@@ -373,6 +380,7 @@ def read_many(
     kind: str = "projection",
     batch_size: int = 8,
     padding_side: str = "right",
+    baseline: str | torch.Tensor | None = None,
     progress: bool = False,
 ) -> torch.Tensor | list[Readout]:
     """Read many texts or conversations in length-bucketed, padded batches: the same numbers
@@ -385,6 +393,7 @@ def read_many(
     if not items:
         raise EmolensError("nothing to read: no texts given")
     layer = resolve_layer(lm, bank, layer)
+    offset = resolve_baseline(lm, bank, baseline, layer, variant, pool or "mean")
     rendered = [_render(lm, item) for item in items]
     results: list = [None] * len(items)
     bar = tqdm(total=len(items), unit="text", desc="read", disable=not progress)
@@ -394,7 +403,7 @@ def read_many(
             states = residuals(lm, input_ids, mask, [layer])[layer]
             for row, i in enumerate(batch):
                 real = mask[row].bool().to(states.device)
-                readout = _readout(lm, bank, rendered[i], states[row][real], layer, variant)
+                readout = _readout(lm, bank, rendered[i], states[row][real], layer, variant, offset)
                 results[i] = readout if pool is None else pooled(readout, pool, kind)
             bar.update(len(batch))
     return results if pool is None else torch.stack(results)
@@ -418,6 +427,7 @@ def generate(
     *,
     layer: int | None = None,
     variant: str = "denoised",
+    baseline: str | torch.Tensor | None = None,
     **sampling: object,
 ) -> Iterator[GeneratedToken]:
     """Generate an assistant reply token by token, yielding each token with its readout.
@@ -430,15 +440,19 @@ def generate(
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     layer = resolve_layer(lm, bank, layer)
+    offset = resolve_baseline(lm, bank, baseline, layer, variant)
     options = Sampling(**sampling)  # type: ignore[arg-type]
     decoder = Decoder(lm, [layer])
     decoder.add(0, render(lm, messages, add_generation_prompt=True).ids, options)
     units = bank.matrix(layer, variant).to(lm.device, torch.float32)
-    return _stream(decoder, layer, units)
+    return _stream(decoder, layer, units, offset)
 
 
-def _stream(decoder: Decoder, layer: int, units: torch.Tensor) -> Iterator[GeneratedToken]:
+def _stream(
+    decoder: Decoder, layer: int, units: torch.Tensor, offset: torch.Tensor | None
+) -> Iterator[GeneratedToken]:
     while decoder.busy:
         for step in decoder.step():
             scores = (step.residuals[layer].float() @ units.T).cpu()
-            yield GeneratedToken(step.token, step.text, step.position, scores)
+            yield GeneratedToken(step.token, step.text, step.position,
+                                 scores if offset is None else scores - offset)  # fmt: skip

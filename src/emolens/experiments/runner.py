@@ -283,15 +283,6 @@ def read_results(path: str | os.PathLike, experiment: str | None = None) -> Resu
     return results
 
 
-def bank_digest(bank: EmotionBank) -> str:
-    """A digest of what a bank steers with: its emotions, layers and vectors."""
-    sha = hashlib.sha256(json.dumps([bank.emotions, bank.layers]).encode())
-    for variant in sorted(bank.vectors):
-        sha.update(bank.vectors[variant].float().contiguous().numpy().tobytes())
-    sha.update(bank.mean_norm.float().numpy().tobytes())
-    return sha.hexdigest()[:16]
-
-
 def _check_rows(path: Path, rows: list[dict], items: dict[str, str], model: str, bank: str) -> None:
     for row in rows:
         if row.get("model", {}).get("weights") != model:
@@ -335,7 +326,7 @@ def run_experiment(
     path = out / "results.jsonl"
     done = read_results(path, experiment.name).rows
     items = {item["id"]: digest(item) for item in experiment.items}
-    model, bank_id = lm.fingerprint.get("weights"), bank_digest(bank)
+    model, bank_id = str(lm.fingerprint.get("weights")), bank.digest()
     _check_rows(path, done, items, model, bank_id)
     finished = {row["trial"] for row in done}
     pending = [t for t in experiment.plan(conditions, samples, seed) if t.id not in finished]

@@ -1,0 +1,85 @@
+"""Readings relative to a reference: what an emotion reads on text that carries none.
+
+A projection on an emotion vector has an offset that depends on the emotion and on the kind
+of position read (a chat header token, the middle of a message), not on the text's emotion.
+The neutral baseline is each emotion's mean reading over the shipped neutral dialogues (or a
+user's reference texts), read the same way (same layer, variant and pooling); `read`,
+`read_many` and `generate` subtract it from projections when given `baseline=`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from emolens.bank import EmotionBank
+from emolens.corpus import dialogue_messages
+from emolens.corpus import load as load_corpus
+from emolens.errors import EmolensError
+from emolens.models import LoadedModel
+
+_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def neutral_items(limit: int | None = None) -> list[list[dict]]:
+    """The shipped neutral dialogues as conversations (the first `limit` of them)."""
+    records = load_corpus().neutral()[:limit]
+    return [dialogue_messages(r.text) for r in records]
+
+
+def baseline(
+    lm: LoadedModel,
+    bank: EmotionBank,
+    items: Sequence[str | Sequence[dict]],
+    *,
+    layer: int | None = None,
+    variant: str = "denoised",
+    pool: str = "mean",
+) -> torch.Tensor:
+    """Each emotion's mean reading [emotions] over reference `items` (texts or
+    conversations), pooled with `pool` as `read_many` pools."""
+    from emolens.readout import read_many
+
+    if not items:
+        raise EmolensError("a baseline needs at least one reference text")
+    scores = read_many(lm, bank, items, layer=layer, variant=variant, pool=pool)
+    return scores.mean(0)
+
+
+def neutral_baseline(
+    lm: LoadedModel,
+    bank: EmotionBank,
+    *,
+    layer: int | None = None,
+    variant: str = "denoised",
+    pool: str = "mean",
+    limit: int | None = 100,
+) -> torch.Tensor:
+    """The baseline over the shipped neutral dialogues (the first `limit`), computed once per
+    model, bank, layer, variant and pooling in this process."""
+    from emolens.readout import resolve_layer
+
+    layer = resolve_layer(lm, bank, layer)
+    key = (lm.fingerprint.get("weights"), bank.digest(), layer, variant, pool, limit)
+    if key not in _CACHE:
+        _CACHE[key] = baseline(lm, bank, neutral_items(limit), layer=layer, variant=variant, pool=pool)
+    return _CACHE[key]
+
+
+def resolve_baseline(
+    lm: LoadedModel, bank: EmotionBank, baseline: str | torch.Tensor | None, layer: int,
+    variant: str, pool: str = "mean",
+) -> torch.Tensor | None:  # fmt: skip
+    """The offset [emotions] to subtract: None, "neutral" (the shipped neutral dialogues,
+    read with the same pooling) or a given tensor."""
+    if baseline is None:
+        return None
+    if isinstance(baseline, str):
+        if baseline != "neutral":
+            raise EmolensError(f"unknown baseline {baseline!r}: give 'neutral' or a tensor")
+        return neutral_baseline(lm, bank, layer=layer, variant=variant, pool=pool)
+    offset = torch.as_tensor(baseline, dtype=torch.float32).cpu()
+    if tuple(offset.shape) != (len(bank.emotions),) or not bool(torch.isfinite(offset).all()):
+        raise EmolensError(f"a baseline must be {len(bank.emotions)} finite numbers, one per emotion")
+    return offset
