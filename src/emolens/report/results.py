@@ -4,7 +4,7 @@ headline numbers, each with `to_json` for report.json (a None there is an undefi
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from emolens.evaluate.geometry import BankGeometry, Geometry
 from emolens.evaluate.heldout import HeldoutTable
@@ -13,7 +13,14 @@ from emolens.evaluate.logit_lens import LogitLens
 from emolens.evaluate.scenarios import Scenarios
 from emolens.evaluate.steering import SteeringResult
 
-T = TypeVar("T", Scenarios, Intensity)
+
+class Serialisable(Protocol):
+    """A result that gives its report.json form."""
+
+    def to_json(self) -> dict: ...
+
+
+T = TypeVar("T", bound=Serialisable)
 
 
 @dataclass(frozen=True)
