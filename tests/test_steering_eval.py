@@ -1,7 +1,8 @@
-"""Steering validation: packed word scoring, cached perplexity, and the full result dict."""
+"""Steering validation: packed word scoring, cached perplexity, the typed result and its JSON."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -12,13 +13,15 @@ from emolens.bank import random_bank
 from emolens.concepts import showcase
 from emolens.errors import EmolensError
 from emolens.evaluate.steering import (
+    SteeringResult,
+    SteeringSettings,
     evaluate_steering,
     generate_rows,
-    plot_steering,
     probe_ids,
     sequence_nll,
     word_logprobs,
 )
+from emolens.report.figures import plot_steering
 from emolens.steer import steer_vectors
 
 
@@ -111,50 +114,57 @@ def all_numbers(value):
 
 def test_evaluate_steering_on_the_tiny_model(tiny, bank, tmp_path):
     emotions = ["happy", "sad", "calm"]
-    result = evaluate_steering(
-        tiny,
-        bank,
-        emotions=emotions,
-        strengths=(0.5, 2.0),
-        n_random=2,
-        generation_prompts=["Hi"],
-        max_new_tokens=3,
+    settings = SteeringSettings(
+        strengths=(0.5, 2.0), n_random=2, generation_prompts=("Hi",), max_new_tokens=3
     )
-    json.dumps(result, allow_nan=False)  # JSON-serialisable, no NaN/inf
-    assert all(math.isfinite(v) for v in all_numbers(result))
+    result = evaluate_steering(tiny, bank, settings, emotions=emotions)
+    assert isinstance(result, SteeringResult)
+    data = json.loads(json.dumps(result.to_json(), allow_nan=False))  # no NaN/inf
+    assert all(math.isfinite(v) for v in all_numbers(data))
     expected = {
         "model", "layer", "variant", "norm", "strengths", "emotions", "random", "probes",
         "baseline", "delta", "summary", "beats_random", "specific", "perplexity",
         "degrades_at", "degrade_factor", "examples", "seconds",
     }  # fmt: skip
-    assert set(result) == expected
-    assert result["strengths"] == [0.0, 0.5, 2.0] and result["layer"] == 2
-    assert result["random"] == ["random:0", "random:1"]
+    assert set(data) == expected
+    assert result.strengths == [0.0, 0.5, 2.0] and result.layer == 2
+    assert result.random == ["random:0", "random:1"]
     for name in emotions:
-        for key in ("own", "other", "random", "random_max"):
-            series = result["summary"][name][key]
+        for series in dataclasses.astuple(result.summary[name]):
             assert len(series) == 3 and series[0] == 0.0
-    assert any(v != 0 for v in result["summary"]["happy"]["own"][1:])
-    counts = result["beats_random"]
-    assert counts["reference"] == 0.5 and 0 <= counts["count"] <= counts["of"] == 3
-    assert set(counts["per_strength"]) == {"0.0", "0.5", "2.0"}
+    assert any(v != 0 for v in result.summary["happy"].own[1:])
+    assert result.reference == 0.5 and result.beats_random.of == 3
+    assert 0 <= result.beats_random_at_reference <= 3
+    assert set(result.beats_random.per_strength) == {0.0, 0.5, 2.0}
+    counts = data["beats_random"]
+    assert counts == {"reference": 0.5, "count": result.beats_random_at_reference, "of": 3,
+                      "per_strength": {"0.0": counts["per_strength"]["0.0"],
+                                       "0.5": result.beats_random_at_reference,
+                                       "2.0": counts["per_strength"]["2.0"]}}  # fmt: skip
+    assert set(data["specific"]) == {"of", "per_strength"}
     for probe in ("he", "I"):
-        assert set(result["delta"][probe]) == set(emotions) | {"random:0", "random:1"}
-    ppl = result["perplexity"]
-    assert ppl["unsteered"] >= 1.0 and len(ppl["emotions"]) == len(ppl["random"]) == 3
-    assert ppl["emotions"][0] == pytest.approx(ppl["unsteered"], rel=1e-4)
-    assert result["degrades_at"] in (None, 0.5, 2.0)
-    assert set(result["examples"]["steered"]["happy"]) == {"0.0", "0.5", "2.0"}
+        assert set(result.delta[probe]) == set(emotions) | {"random:0", "random:1"}
+    ppl = result.perplexity
+    assert ppl.unsteered >= 1.0 and len(ppl.emotions) == len(ppl.random) == 3
+    assert ppl.emotions[0] == pytest.approx(ppl.unsteered, rel=1e-4)
+    assert ppl.ratio[0] == pytest.approx(1.0, rel=1e-4)
+    assert result.degrades_at in (None, 0.5, 2.0)
+    assert set(result.examples.steered["happy"]) == {"0.0", "0.5", "2.0"}
     path = plot_steering(result, tmp_path / "steering.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_evaluate_steering_rejects_bad_requests(tiny, bank):
-    with pytest.raises(EmolensError, match="unknown emotion"):
-        evaluate_steering(tiny, bank, emotions=["bored"], strengths=(0.1,))
+def test_steering_settings_refuse_bad_requests(tiny, bank):
     with pytest.raises(EmolensError, match="dose range"):
-        evaluate_steering(tiny, bank, emotions=["happy"], strengths=(-0.1, 0.1))
+        SteeringSettings(strengths=(-0.1, 0.1))
+    with pytest.raises(EmolensError, match="dose range"):
+        SteeringSettings(strengths=(float("nan"),))
     with pytest.raises(EmolensError, match="n_random"):
-        evaluate_steering(tiny, bank, emotions=["happy"], strengths=(0.1,), n_random=0)
+        SteeringSettings(n_random=0)
+    with pytest.raises(EmolensError, match="generation prompt"):
+        SteeringSettings(generation_prompts=())
+    short = SteeringSettings(strengths=(0.1,))
+    with pytest.raises(EmolensError, match="unknown emotion"):
+        evaluate_steering(tiny, bank, short, emotions=["bored"])
     with pytest.raises(EmolensError, match="not in this bank"):
-        evaluate_steering(tiny, bank, emotions=["happy"], layer=9)
+        evaluate_steering(tiny, bank, short, emotions=["happy"], layer=9)

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> None:
     from emolens.bank import default_bank_path
     from emolens.build import build
     from emolens.cli.build import describe
-    from emolens.report import headline_text, write_report
+    from emolens.report import SteeringSettings, headline_text, write_report
 
     start = time.perf_counter()
     lm = load_model_from(args)
@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> None:
     bank = build(lm)
     print(describe(bank))
     out = default_bank_path(lm.fingerprint).parent / "report"
-    report = write_report(lm, bank, out, steering=not args.no_steering)
+    steering = None if args.no_steering else SteeringSettings()
+    report = write_report(lm, bank, out, steering=steering)
     print(headline_text(report))
     print(f"report: {out / 'report.html'}")
     print(f"demo finished in {time.perf_counter() - start:.0f} s")

@@ -42,7 +42,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from emolens.bank import default_bank_path
-    from emolens.report import headline_text, write_report
+    from emolens.report import SteeringSettings, headline_text, write_report
 
     lm = load_model_from(args)
     bank_path = Path(args.bank) if args.bank else default_bank_path(lm.fingerprint)
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> None:
         out,
         heldout=args.heldout,
         norms=args.norms,
-        steering=not args.no_steering,
+        steering=None if args.no_steering else SteeringSettings(),
         progress=not args.quiet,
         layer=args.layer,
     )

@@ -10,11 +10,48 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 THRESHOLD = 0.5
 OTHERS = ("happy", "calm", "afraid", "sad")  # drawn too (first two not expected), for contrast
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """One expected direction ("up"/"down"), the Spearman rho found and whether it is met."""
+
+    direction: str
+    rho: float | None
+    met: bool
+
+
+@dataclass(frozen=True)
+class TemplateReading:
+    """A template's score curves over its values (expected emotions, then `others` drawn for
+    contrast), the checks of its expectations and the expected emotions not in the bank."""
+
+    id: str
+    template: str
+    values: list
+    curves: dict[str, list[float]]
+    others: list[str]
+    expect: dict[str, Expectation]
+    missing: list[str]
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """Every template's reading; `met` of `total` expectations met at `threshold`."""
+
+    threshold: float
+    templates: list[TemplateReading]
+    met: int
+    total: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 def filled(template: dict) -> list[str]:
@@ -40,7 +77,9 @@ def met(rho: float | None, direction: str, threshold: float = THRESHOLD) -> bool
     return (rho if direction == "up" else -rho) >= threshold
 
 
-def score_templates(templates: Sequence[dict], scores: np.ndarray, emotions: Sequence[str]) -> dict:
+def score_templates(
+    templates: Sequence[dict], scores: np.ndarray, emotions: Sequence[str]
+) -> Intensity:
     """Curves and Spearman checks; `scores` holds one row per filled message, templates in
     order (as `filled` gives them). Expected emotions missing from the bank are listed."""
     emotions = list(emotions)
@@ -53,19 +92,19 @@ def score_templates(templates: Sequence[dict], scores: np.ndarray, emotions: Seq
         checks = {}
         for emotion, direction in expected.items():
             rho = spearman(rows[:, emotions.index(emotion)])
-            checks[emotion] = {"direction": direction, "rho": rho, "met": met(rho, direction)}
-            hits += checks[emotion]["met"]
+            checks[emotion] = Expectation(direction, rho, met(rho, direction))
+            hits += checks[emotion].met
             total += 1
-        results.append({
-            "id": template["id"],
-            "template": template["template"],
-            "values": list(template["values"]),
-            "curves": {e: [round(float(v), 4) for v in rows[:, emotions.index(e)]]
-                       for e in [*expected, *others]},
-            "others": others,
-            "expect": checks,
-            "missing": [e for e in template["expect"] if e not in emotions],
-        })  # fmt: skip
+        results.append(TemplateReading(
+            id=template["id"],
+            template=template["template"],
+            values=list(template["values"]),
+            curves={e: [round(float(v), 4) for v in rows[:, emotions.index(e)]]
+                    for e in [*expected, *others]},
+            others=others,
+            expect=checks,
+            missing=[e for e in template["expect"] if e not in emotions],
+        ))  # fmt: skip
     if start != len(scores):
         raise ValueError(f"{len(scores)} score rows for {start} filled templates")
-    return {"threshold": THRESHOLD, "templates": results, "met": hits, "total": total}
+    return Intensity(threshold=THRESHOLD, templates=results, met=hits, total=total)

@@ -8,6 +8,7 @@ and then through the unembedding matrix: one [emotions, width] x [width, vocab] 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,6 +17,37 @@ from emolens.capture import special_ids
 from emolens.models import LoadedModel
 
 FINAL_NORMS = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "final_norm")
+
+
+@dataclass(frozen=True)
+class LensTokens:
+    """The tokens a vector promotes (`top`, highest logit first) and suppresses (`bottom`,
+    lowest first), each as (text, logit)."""
+
+    top: list[tuple[str, float]]
+    bottom: list[tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class LogitLens:
+    """The top and bottom `k` tokens of every emotion's vector; `norm` is the final norm
+    applied first (None if the model has none) and `note` says how the logits were made."""
+
+    norm: str | None
+    note: str
+    k: int
+    emotions: dict[str, LensTokens]
+
+    def to_json(self) -> dict:
+        return {
+            "norm": self.norm,
+            "note": self.note,
+            "k": self.k,
+            "emotions": {
+                name: {"top": [list(p) for p in t.top], "bottom": [list(p) for p in t.bottom]}
+                for name, t in self.emotions.items()
+            },
+        }
 
 
 def final_norm(lm: LoadedModel) -> tuple[str | None, nn.Module | None]:
@@ -31,7 +63,7 @@ def final_norm(lm: LoadedModel) -> tuple[str | None, nn.Module | None]:
 
 
 @torch.inference_mode()
-def logit_lens(lm: LoadedModel, units: torch.Tensor, emotions: list[str], k: int = 10) -> dict:
+def logit_lens(lm: LoadedModel, units: torch.Tensor, emotions: list[str], k: int = 10) -> LogitLens:
     """Top and bottom `k` tokens (text, logit) of every vector in `units` [emotions, width];
     special tokens are left out."""
     head = lm.model.get_output_embeddings()
@@ -52,9 +84,9 @@ def logit_lens(lm: LoadedModel, units: torch.Tensor, emotions: list[str], k: int
     top = top_logits.topk(k, dim=1)
     bottom = bottom_logits.topk(k, dim=1, largest=False)
 
-    def pairs(values: torch.Tensor, ids: torch.Tensor) -> list[list]:
+    def pairs(values: torch.Tensor, ids: torch.Tensor) -> list[tuple[str, float]]:
         return [
-            [lm.tokenizer.decode([int(i)]), round(float(v), 4)]
+            (lm.tokenizer.decode([int(i)]), round(float(v), 4))
             for v, i in zip(values, ids, strict=True)
         ]
 
@@ -64,18 +96,18 @@ def logit_lens(lm: LoadedModel, units: torch.Tensor, emotions: list[str], k: int
         else "no final norm found after the decoder blocks: unit vector straight into the "
         "unembedding"
     )
-    return {
-        "norm": name,
-        "note": note,
-        "k": k,
-        "emotions": {
-            emotion: {
-                "top": pairs(top.values[e], top.indices[e]),
-                "bottom": pairs(bottom.values[e], bottom.indices[e]),
-            }
+    return LogitLens(
+        norm=name,
+        note=note,
+        k=k,
+        emotions={
+            emotion: LensTokens(
+                top=pairs(top.values[e], top.indices[e]),
+                bottom=pairs(bottom.values[e], bottom.indices[e]),
+            )
             for e, emotion in enumerate(emotions)
         },
-    }
+    )
 
 
 def _dtype(module: nn.Module) -> torch.dtype:

@@ -18,13 +18,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 
 from emolens.bank import EmotionBank
 from emolens.errors import EmolensError
-from emolens.figures import save_figure
 from emolens.generation import Sampling, decode
 from emolens.models import LoadedModel
 from emolens.readout import resolve_layer
@@ -35,6 +34,124 @@ GENERATION_PROMPTS = (
     "Tell me about your morning.",
     "What do you think about when you look at the sea?",
 )
+
+
+@dataclass(frozen=True)
+class SteeringSettings:
+    """What the evaluation tries: `strengths` (fractions of the layer's mean residual norm; 0
+    is added), `n_random` seeded random directions, greedy replies of `max_new_tokens` to the
+    `generation_prompts`; the headline count is read at the strength nearest `reference`, and
+    text degrades where perplexity passes `degrade_factor` x unsteered."""
+
+    strengths: tuple[float, ...] = STRENGTHS
+    n_random: int = 3
+    generation_prompts: tuple[str, ...] = GENERATION_PROMPTS
+    max_new_tokens: int = 12
+    reference: float = 0.1
+    degrade_factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not all(math.isfinite(s) and s >= 0 for s in self.strengths):
+            raise EmolensError(
+                f"strengths must be finite and >= 0 (a dose range), not {list(self.strengths)}"
+            )
+        if self.n_random < 1 or self.max_new_tokens < 1:
+            raise EmolensError("need n_random >= 1 and max_new_tokens >= 1")
+        if not self.generation_prompts:
+            raise EmolensError("need at least one generation prompt")
+
+
+DEFAULT_SETTINGS = SteeringSettings()
+
+
+@dataclass(frozen=True)
+class DoseResponse:
+    """Per strength, the change in log-probability of an emotion's own word under its vector,
+    of the other words (mean), and of its own word under the random directions (mean, max)."""
+
+    own: list[float]
+    other: list[float]
+    random: list[float]
+    random_max: list[float]
+
+
+@dataclass(frozen=True)
+class Wins:
+    """How many of `of` emotions win a comparison at each strength."""
+
+    of: int
+    per_strength: dict[float, int]
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """Perplexity under the unsteered model of steered greedy replies, per strength: the mean
+    over the emotions and over the random directions, each direction's, and the emotions'
+    mean over the unsteered perplexity (`ratio`)."""
+
+    unsteered: float
+    emotions: list[float]
+    random: list[float]
+    per_direction: dict[str, list[float]]
+    ratio: list[float]
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Replies to the first generation prompt: unsteered, and per direction and strength."""
+
+    prompt: str
+    unsteered: str
+    steered: dict[str, dict[str, str]]
+
+
+@dataclass(frozen=True)
+class SteeringResult:
+    """Dose-response of steering on emotion words, against random directions, with the
+    perplexity of steered text (see the module docstring). `delta` holds the change of every
+    word's log-probability, per probe and direction, over the strengths; `beats_random`
+    counts emotions whose own word gains more than under any random direction, `specific`
+    those whose own word gains more than the other words; `degrades_at` is the first
+    strength whose ratio passes `degrade_factor` (None if none does)."""
+
+    model: str
+    layer: int
+    variant: str
+    norm: float
+    strengths: list[float]
+    emotions: list[str]
+    random: list[str]
+    probes: dict[str, str]
+    baseline: dict[str, dict[str, float]]
+    delta: dict[str, dict[str, dict[str, list[float]]]]
+    summary: dict[str, DoseResponse]
+    reference: float
+    beats_random: Wins
+    specific: Wins
+    perplexity: Perplexity
+    degrades_at: float | None
+    degrade_factor: float
+    examples: Examples
+    seconds: float
+
+    @property
+    def beats_random_at_reference(self) -> int:
+        """Emotions whose own word beats every random direction at the reference strength."""
+        return self.beats_random.per_strength.get(self.reference, 0)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["beats_random"] = {
+            "reference": data.pop("reference"),
+            "count": self.beats_random_at_reference,
+            **_wins_json(self.beats_random),
+        }
+        data["specific"] = _wins_json(self.specific)
+        return data
+
+
+def _wins_json(wins: Wins) -> dict:
+    return {"of": wins.of, "per_strength": {str(s): n for s, n in wins.per_strength.items()}}
 
 
 def probe_ids(lm: LoadedModel) -> dict[str, tuple[str, list[int]]]:
@@ -157,37 +274,29 @@ def sequence_nll(
 def evaluate_steering(
     lm: LoadedModel,
     bank: EmotionBank,
+    settings: SteeringSettings = DEFAULT_SETTINGS,
     *,
     emotions: Sequence[str] | None = None,
-    strengths: Sequence[float] = STRENGTHS,
     layer: int | None = None,
-    n_random: int = 3,
-    generation_prompts: Sequence[str] = GENERATION_PROMPTS,
-    max_new_tokens: int = 12,
     variant: str = "denoised",
-    reference: float = 0.1,
-    degrade_factor: float = 2.0,
-) -> dict:
-    """Dose-response of steering on emotion words, against random directions, with the
-    perplexity of steered text; a JSON-serialisable dict (see the module docstring).
+) -> SteeringResult:
+    """Steer each emotion of `emotions` (default: the showcase emotions the bank has; they are
+    also the candidate words) at `layer` as `settings` say.
 
-    `emotions` defaults to the showcase emotions the bank has; they are also the candidate
-    words. Strengths are fractions of the layer's mean residual norm; 0 is added if missing.
-    The headline count compares, at `reference` (or the nearest strength), each emotion's
+    The headline count compares, at the strength nearest `settings.reference`, each emotion's
     own-word change with the largest change any random direction makes to that word.
     """
     start = time.perf_counter()
     layer = resolve_layer(lm, bank, layer)
     emotions = _emotions(bank, emotions)
-    strengths = sorted({0.0, *(float(s) for s in strengths)})
-    if not all(math.isfinite(s) and s >= 0 for s in strengths):
-        raise EmolensError(f"strengths must be finite and >= 0 (a dose range), not {strengths}")
-    if n_random < 1 or max_new_tokens < 1:
-        raise EmolensError("need n_random >= 1 and max_new_tokens >= 1")
+    strengths = sorted({0.0, *(float(s) for s in settings.strengths)})
+    n_random = settings.n_random
     randoms = [f"{RANDOM_PREFIX}{seed}" for seed in range(n_random)]
     names = emotions + randoms
-    units = torch.stack([bank.vector(name, layer, variant) for name in emotions]
-                        + [random_direction(bank.width, seed) for seed in range(n_random)])  # fmt: skip
+    units = torch.stack(
+        [bank.vector(name, layer, variant) for name in emotions]
+        + [random_direction(bank.width, seed) for seed in range(n_random)]
+    )
     norm = bank.norm_at(layer)
 
     probes = probe_ids(lm)
@@ -207,57 +316,48 @@ def evaluate_steering(
         own = mean_delta[e, e]
         others = torch.cat([mean_delta[e, :e], mean_delta[e, e + 1 :]]).mean(0)
         random = mean_delta[len(emotions) :, e]
-        summary[name] = {
-            "own": _floats(own),
-            "other": _floats(others),
-            "random": _floats(random.mean(0)),
-            "random_max": _floats(random.max(0).values),
-        }
+        summary[name] = DoseResponse(
+            own=_floats(own),
+            other=_floats(others),
+            random=_floats(random.mean(0)),
+            random_max=_floats(random.max(0).values),
+        )
         own_wins.append(own > random.max(0).values)
         specific.append(own > others)
     wins, specific = torch.stack(own_wins).sum(0), torch.stack(specific).sum(0)
     nonzero = strengths[1:]
-    ref = min(nonzero, key=lambda s: abs(s - reference)) if nonzero else 0.0
+    ref = min(nonzero, key=lambda s: abs(s - settings.reference)) if nonzero else 0.0
 
-    perplexity, examples = _perplexity(
-        lm, layer, norm, units, names, strengths, generation_prompts, max_new_tokens
-    )
-    ratio = _floats(torch.tensor(perplexity["emotions"]) / perplexity["unsteered"])
-    degraded = [s for s, r in zip(strengths, ratio, strict=True) if r > degrade_factor]
-    return {
-        "model": lm.name,
-        "layer": layer,
-        "variant": variant,
-        "norm": norm,
-        "strengths": strengths,
-        "emotions": emotions,
-        "random": randoms,
-        "probes": {probe: text for probe, (text, _) in probes.items()},
-        "baseline": {p: dict(zip(emotions, _floats(v), strict=True)) for p, v in baseline.items()},
-        "delta": {
+    perplexity, examples = _perplexity(lm, layer, norm, units, names, strengths, settings)
+    degraded = [s for s, r in zip(strengths, perplexity.ratio, strict=True)
+                if r > settings.degrade_factor]  # fmt: skip
+    return SteeringResult(
+        model=lm.name,
+        layer=layer,
+        variant=variant,
+        norm=norm,
+        strengths=strengths,
+        emotions=emotions,
+        random=randoms,
+        probes={probe: text for probe, (text, _) in probes.items()},
+        baseline={p: dict(zip(emotions, _floats(v), strict=True)) for p, v in baseline.items()},
+        delta={
             probe: {
                 name: {word: _floats(changes[d, w]) for w, word in enumerate(emotions)}
                 for d, name in enumerate(names)
             }
             for probe, changes in delta.items()
         },
-        "summary": summary,
-        "beats_random": {
-            "reference": ref,
-            "count": int(wins[strengths.index(ref)]) if nonzero else 0,
-            "of": len(emotions),
-            "per_strength": dict(zip(map(str, strengths), map(int, wins), strict=True)),
-        },
-        "specific": {
-            "per_strength": dict(zip(map(str, strengths), map(int, specific), strict=True)),
-            "of": len(emotions),
-        },
-        "perplexity": {**perplexity, "ratio": ratio},
-        "degrades_at": degraded[0] if degraded else None,
-        "degrade_factor": degrade_factor,
-        "examples": examples,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+        summary=summary,
+        reference=ref,
+        beats_random=Wins(len(emotions), dict(zip(strengths, map(int, wins), strict=True))),
+        specific=Wins(len(emotions), dict(zip(strengths, map(int, specific), strict=True))),
+        perplexity=perplexity,
+        degrades_at=degraded[0] if degraded else None,
+        degrade_factor=settings.degrade_factor,
+        examples=examples,
+        seconds=round(time.perf_counter() - start, 2),
+    )
 
 
 def _emotions(bank: EmotionBank, emotions: Sequence[str] | None) -> list[str]:
@@ -282,13 +382,11 @@ def _perplexity(
     units: torch.Tensor,
     names: list[str],
     strengths: list[float],
-    prompts: Sequence[str],
-    max_new_tokens: int,
-) -> tuple[dict, dict]:
+    settings: SteeringSettings,
+) -> tuple[Perplexity, Examples]:
     """Perplexity under the unsteered model of greedy replies generated with steering, per
     direction and strength (pooled over prompts), and the replies to the first prompt."""
-    if not prompts:
-        raise EmolensError("need at least one generation prompt")
+    prompts, max_new_tokens = settings.generation_prompts, settings.max_new_tokens
     rows = len(names)
     nll = torch.zeros(rows, len(strengths), dtype=torch.float64)
     count = torch.zeros(rows, len(strengths), dtype=torch.float64)
@@ -314,15 +412,18 @@ def _perplexity(
                 for r, name in enumerate(names):
                     texts[name][str(strength)] = _decode(lm, generated[r], alive[r])
     per_direction = torch.exp(nll / count.clamp(min=1))
-    emotions = [n for n in names if not n.startswith(RANDOM_PREFIX)]
+    n_emotions = sum(not n.startswith(RANDOM_PREFIX) for n in names)
+    unsteered_ppl = math.exp(base_nll / max(base_count, 1.0))
+    emotions = _floats(per_direction[:n_emotions].mean(0))
     return (
-        {
-            "unsteered": math.exp(base_nll / max(base_count, 1.0)),
-            "emotions": _floats(per_direction[: len(emotions)].mean(0)),
-            "random": _floats(per_direction[len(emotions) :].mean(0)),
-            "per_direction": {n: _floats(per_direction[r]) for r, n in enumerate(names)},
-        },
-        {"prompt": prompts[0], "unsteered": unsteered, "steered": texts},
+        Perplexity(
+            unsteered=unsteered_ppl,
+            emotions=emotions,
+            random=_floats(per_direction[n_emotions:].mean(0)),
+            per_direction={n: _floats(per_direction[r]) for r, n in enumerate(names)},
+            ratio=_floats(torch.tensor(emotions) / unsteered_ppl),
+        ),
+        Examples(prompt=prompts[0], unsteered=unsteered, steered=texts),
     )
 
 
@@ -336,69 +437,3 @@ def _floats(values: torch.Tensor) -> list[float]:
     if not all(math.isfinite(v) for v in out):
         raise EmolensError("steering evaluation produced a non-finite number")
     return out
-
-
-def plot_steering(result: dict, path: str | Path) -> Path:
-    """Three panels: word log-probability change vs strength (own, other, random; thin lines
-    per emotion), the emotion x word change matrix at the reference strength, and the
-    perplexity of steered text relative to unsteered."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    strengths, emotions = result["strengths"], result["emotions"]
-    summary = result["summary"]
-    figure, (doses, matrix_axes, quality) = plt.subplots(1, 3, figsize=(16, 4.8))
-    for name in emotions:
-        doses.plot(strengths, summary[name]["own"], color="#d62728", alpha=0.25, lw=0.8)
-
-    def mean(key: str) -> list[float]:
-        return [
-            sum(summary[n][key][i] for n in emotions) / len(emotions) for i in range(len(strengths))
-        ]
-
-    doses.plot(strengths, mean("own"), color="#d62728", lw=2.5, marker="o", label="own word")
-    doses.plot(strengths, mean("other"), color="#1f77b4", lw=2, marker="o", label="other words")
-    doses.plot(strengths, mean("random"), color="#7f7f7f", lw=2, marker="o", ls="--",
-               label="own word, random direction")  # fmt: skip
-    doses.axhline(0, color="black", lw=0.6)
-    doses.set_xlabel("steering strength (fraction of mean residual norm)")
-    doses.set_ylabel("change in log-probability (mean of probes)")
-    count = result["beats_random"]
-    doses.set_title(
-        f"own word beats random: {count['count']}/{count['of']} at {count['reference']:g}"
-    )
-    doses.legend(fontsize=8)
-
-    ref = strengths.index(result["beats_random"]["reference"])
-    probes = list(result["delta"])
-    grid = [
-        [sum(result["delta"][p][e][w][ref] for p in probes) / len(probes) for w in emotions]
-        for e in emotions
-    ]
-    limit = max(1e-9, max(abs(v) for row in grid for v in row))
-    image = matrix_axes.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit)
-    matrix_axes.set_xticks(range(len(emotions)), emotions, rotation=60, fontsize=7)
-    matrix_axes.set_yticks(range(len(emotions)), emotions, fontsize=7)
-    matrix_axes.set_xlabel("word")
-    matrix_axes.set_ylabel("steered emotion")
-    matrix_axes.set_title(f"log-probability change at strength {strengths[ref]:g}")
-    figure.colorbar(image, ax=matrix_axes, fraction=0.046)
-
-    ppl = result["perplexity"]
-    base = ppl["unsteered"]
-    quality.plot(strengths, [p / base for p in ppl["emotions"]], marker="o", label="emotions")
-    quality.plot(strengths, [p / base for p in ppl["random"]], marker="o", ls="--",
-                 color="#7f7f7f", label="random directions")  # fmt: skip
-    quality.axhline(result["degrade_factor"], color="#d62728", lw=0.8, ls=":")
-    quality.set_xlabel("steering strength")
-    quality.set_ylabel("perplexity / unsteered")
-    degrades = result["degrades_at"]
-    quality.set_title(
-        "text degrades at " + (f"{degrades:g}" if degrades is not None else "no tested strength")
-    )
-    quality.legend(fontsize=8)
-    figure.suptitle(f"{result['model']}: steering at layer {result['layer']}", fontsize=11)
-    figure.tight_layout()
-    return save_figure(figure, path)
