@@ -63,7 +63,9 @@ def neutral_baseline(
     layer = resolve_layer(lm, bank, layer)
     key = (lm.fingerprint.get("weights"), bank.digest(), layer, variant, pool, limit)
     if key not in _CACHE:
-        _CACHE[key] = baseline(lm, bank, neutral_items(limit), layer=layer, variant=variant, pool=pool)
+        _CACHE[key] = baseline(
+            lm, bank, neutral_items(limit), layer=layer, variant=variant, pool=pool
+        )
     return _CACHE[key]
 
 
@@ -81,5 +83,7 @@ def resolve_baseline(
         return neutral_baseline(lm, bank, layer=layer, variant=variant, pool=pool)
     offset = torch.as_tensor(baseline, dtype=torch.float32).cpu()
     if tuple(offset.shape) != (len(bank.emotions),) or not bool(torch.isfinite(offset).all()):
-        raise EmolensError(f"a baseline must be {len(bank.emotions)} finite numbers, one per emotion")
+        raise EmolensError(
+            f"a baseline must be {len(bank.emotions)} finite numbers, one per emotion"
+        )
     return offset

@@ -46,7 +46,9 @@ class Axes:
 
     def to_json(self) -> dict:
         return {
-            "components": [vars(c) | {"low": list(c.low), "high": list(c.high)} for c in self.components],
+            "components": [
+                vars(c) | {"low": list(c.low), "high": list(c.high)} for c in self.components
+            ],
             "fit_valence_r": self.fit_valence_r,
             "fit_arousal_r": self.fit_arousal_r,
             "rated": self.rated,

@@ -63,7 +63,10 @@ class Transfer:
 
     def to_json(self) -> dict:
         def table(part: dict[str, dict[str, Scores]]) -> dict:
-            return {choice: {genre: vars(s) for genre, s in rows.items()} for choice, rows in part.items()}
+            return {
+                choice: {genre: vars(s) for genre, s in rows.items()}
+                for choice, rows in part.items()
+            }
 
         return {"layer": self.layer, "emotions": list(self.emotions), "chance": self.chance,
                 "first_half": table(self.first_half), "second_half": table(self.second_half),
@@ -133,12 +136,23 @@ def _scores(
         return Scores(0, None, None, None)
     columns = [bank.emotions.index(e) for e in emotions]
     shown = [e for e in concepts.showcase() if e in emotions]
-    top1 = sum(emotions[int(row[columns].argmax())] == label for row, label in zip(values, labels, strict=True))
-    top5 = sum(bank.emotion_index(label) in row.topk(5).indices.tolist() for row, label in zip(values, labels, strict=True))
+    top1 = sum(
+        emotions[int(row[columns].argmax())] == label
+        for row, label in zip(values, labels, strict=True)
+    )
+    top5 = sum(
+        bank.emotion_index(label) in row.topk(5).indices.tolist()
+        for row, label in zip(values, labels, strict=True)
+    )
     showcase = [(row, label) for row, label in zip(values, labels, strict=True) if label in shown]
     index = [bank.emotions.index(e) for e in shown]
     hits = sum(shown[int(row[index].argmax())] == label for row, label in showcase)
-    return Scores(len(labels), top1 / len(labels), hits / len(showcase) if showcase else None, top5 / len(labels))
+    return Scores(
+        len(labels),
+        top1 / len(labels),
+        hits / len(showcase) if showcase else None,
+        top5 / len(labels),
+    )
 
 
 def evaluate_transfer(
@@ -158,7 +172,9 @@ def evaluate_transfer(
     word_table: dict[str, dict[str, Scores]] = {}
     for rendering in RENDERINGS:
         readings = pooled_readings(lm, banks, [_item(r, rendering) for r in records], layer)
-        reference = pooled_readings(lm, banks, [_neutral_item(t, rendering) for t in neutral], layer)
+        reference = pooled_readings(
+            lm, banks, [_neutral_item(t, rendering) for t in neutral], layer
+        )
         for (k, variant, pool), values in readings.items():
             if rendering == "plain" and pool == "reply_start":
                 continue
@@ -181,8 +197,11 @@ def evaluate_transfer(
     return Transfer(
         layer=layer,
         emotions=tuple(emotions),
-        chance={"top1": 1 / len(emotions), "top1_showcase": 1 / max(1, sum(e in emotions for e in concepts.showcase())),
-                "top5_all": min(1.0, 5 / len(bank.emotions))},  # fmt: skip
+        chance={
+            "top1": 1 / len(emotions),
+            "top1_showcase": 1 / max(1, sum(e in emotions for e in concepts.showcase())),
+            "top5_all": min(1.0, 5 / len(bank.emotions)),
+        },  # fmt: skip
         first_half=tables[0],
         second_half=tables[1],
         words=word_table,

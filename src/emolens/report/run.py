@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ def write_report(
                 results[section.key] = section.evaluate(inputs)
     report = Report(
         emolens=__version__,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         model=dict(lm.fingerprint),
         bank=BankInfo(
             path=str(bank_path) if bank_path else None,
