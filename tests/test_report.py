@@ -23,7 +23,7 @@ from tests.conftest import tiny_llama
 
 LAYERS = [1, 2]
 # Where report.json may hold null for the tiny run: undefined by design (see emolens.report).
-NULLABLE = {"degrades_at"}
+NULLABLE = {"degrades_at", "split_half"}
 SHORT_STEERING = SteeringSettings(
     strengths=(0.1, 0.4), n_random=2, generation_prompts=("Hello.",), max_new_tokens=4
 )
@@ -64,8 +64,9 @@ def built(tiny, tmp_path_factory):
         "proud,8,5.5\nunrelated,5,5\n"
     )
     out = folder / "report"
+    long = tiny_llama(context=4096)  # the same weights, long enough for every neutral dialogue
     report = write_report(
-        tiny, folder / "bank.safetensors", out, norms=norms, steering=SHORT_STEERING,
+        long, folder / "bank.safetensors", out, norms=norms, steering=SHORT_STEERING,
         progress=False,
     )  # fmt: skip
     return report, out
@@ -172,7 +173,7 @@ def test_html_is_self_contained_and_figures_are_pngs(built):
     assert not {"script", "link", "iframe"} & set(parser.tags)
     assert "url(" not in page and "@import" not in page
     images = [u for u in parser.urls if u.startswith("data:image/png;base64,")]
-    assert len(images) == len(report.figures) == 7  # steering included
+    assert len(images) == len(report.figures) == 9  # steering, transfer and axes included
     for name in report.figures.values():
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert parser.ids == [section.key for section in SECTIONS]
@@ -192,7 +193,7 @@ def test_every_evaluated_section_is_a_report_field():
 def test_partial_bank_without_heldout_or_steering_still_complete(tiny, tmp_path):
     emotions = concepts.emotions()[:40]  # a partial bank, in memory: no held-out file anywhere
     bank = make_bank(tiny, seed=1, emotions=emotions, layers=[2])  # and of one layer
-    report = write_report(tiny, bank, tmp_path, steering=None, progress=False)
+    report = write_report(tiny, bank, tmp_path, steering=None, transfer=False, progress=False)
     shown = [e for e in concepts.showcase() if e in emotions]
     assert report.scenarios.vectors.showcase == shown
     assert report.scenarios.vectors.total == 5 * len(shown)
@@ -203,6 +204,7 @@ def test_partial_bank_without_heldout_or_steering_still_complete(tiny, tmp_path)
     assert "n/a" in headline_text(report) and "steering" not in headline_text(report)
     data = read_json(tmp_path / "report.json")
     assert data["steering"] is None and data["headline"]["steering_of"] is None
+    assert data["transfer"] is None and len(data["axes"]["components"]) == 10
     assert data["accuracy"]["table"] is None and data["geometry"]["vectors"]["norms"] is None
     assert data["geometry"]["rsa"] == {"layers": [2], "r": [[1.0]]}
     parser = Links()
@@ -243,11 +245,15 @@ def test_embedded_report_of_a_real_bank(embedded, embedded_bank, tmp_path):
     report = write_report(
         embedded, embedded_bank, tmp_path, steering=SHORT_STEERING, progress=False
     )
+    transfer = report.transfer
+    assert transfer is not None and transfer.texts == 12 * 40
+    chosen = transfer.second_half[transfer.chosen]
+    assert sum(s.top1 for s in chosen.values()) / 4 > transfer.chance["top1"]
     assert report.accuracy.table is not None and report.accuracy.baseline is None
     assert "metadata" in report.accuracy.source
     assert report.headline.vectors.top1 > report.accuracy.chance.top1
     assert report.scenarios.vectors.total == 60 and report.steering.beats_random.of == 12
     assert report.logit_lens.norm == "model.norm"
     data = read_json(tmp_path / "report.json")
-    assert data == report.to_json() and len(report.figures) == 7
+    assert data == report.to_json() and len(report.figures) == 9
     print(headline_text(report))

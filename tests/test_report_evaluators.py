@@ -198,3 +198,59 @@ def test_embedded_scenarios_read_the_assistant_header(embedded):
     batched = last_token_states(embedded, texts, layer, batch_size=3)
     single = torch.stack([last_token_states(embedded, [t], layer)[0] for t in texts])
     assert torch.allclose(batched, single, atol=1e-3, rtol=1e-3)
+
+
+def test_axes_find_a_planted_valence_axis_and_a_stable_split_half():
+    from emolens.evaluate.axes import evaluate_axes
+
+    rng = np.random.default_rng(0)
+    emotions = concepts.emotions()
+    judged = concepts.ratings()
+    valence = np.array([judged[e][0] for e in emotions]) - 4
+    direction = rng.normal(size=64)
+    vectors = np.outer(valence, direction) * 3 + rng.normal(size=(len(emotions), 64))
+    halves = (
+        vectors + 0.1 * rng.normal(size=vectors.shape),
+        vectors + 0.1 * rng.normal(size=vectors.shape),
+    )
+    result = evaluate_axes(vectors, emotions, judged, halves=halves, stories=100)
+    first = result.components[0]
+    assert abs(first.valence_r) > 0.9 and first.variance > 0.1
+    assert len(result.components) == 10 and sum(c.variance for c in result.components) <= 1
+    assert result.fit_valence_r > 0.9 and result.rated == len(emotions)
+    assert result.split_half.component_cosine[0] > 0.95 and result.split_half.pc1_scores_r > 0.95
+    lows = {judged[e][0] for e in first.low}
+    highs = {judged[e][0] for e in first.high}
+    assert (max(lows) < min(highs)) or (min(lows) > max(highs))  # the ends are the extremes
+    assert json.dumps(result.to_json())
+
+
+def test_transfer_scores_every_reading_and_picks_on_the_other_half(tiny):
+    from emolens.corpus import load
+    from emolens.evaluate.baseline import baseline_bank
+    from emolens.evaluate.transfer import evaluate_transfer, half
+
+    lm = tiny_llama(context=4096)
+    corpus = load()
+    records = [r for r in corpus.genres("validation") if r.emotion in ("calm", "afraid", "happy")]
+    records = records[::6]
+    bank = random_bank(["calm", "afraid", "happy", "sad"], [1, 2], lm.width, seed=3)
+    bank.model = dict(lm.fingerprint)
+    neutral = [r.text for r in corpus.neutral()[:3]]
+    result = evaluate_transfer(lm, bank, records, neutral, layer=2, words=baseline_bank(lm, bank))
+    assert result.emotions == ("calm", "afraid", "happy") and result.texts == len(records)
+    names = set(result.first_half)
+    assert (
+        "chat/reply_start/denoised/neutral" in names and "plain/reply_start/raw/none" not in names
+    )
+    assert len(names) == 2 * 2 * (3 + 4)  # variants x baselines x (plain pools + chat pools)
+    assert result.chosen in names and set(result.words) == {
+        n.replace("/raw/", "/words/").replace("/denoised/", "/words/") for n in names
+    }
+    for part, table in ((0, result.first_half), (1, result.second_half)):
+        counted = sum(s.n for s in table[result.chosen].values())
+        assert counted == sum(half(r.id) == part for r in records)
+    for rows in result.second_half.values():
+        for scores in rows.values():
+            assert scores.top1 is None or 0 <= scores.top1 <= scores.top5_all <= 1
+    assert json.dumps(result.to_json())

@@ -14,6 +14,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     add_model_option(parser)
     parser.add_argument("--no-steering", action="store_true", help="skip the steering section")
+    parser.add_argument(
+        "--no-transfer", action="store_true", help="skip the cross-genre transfer section"
+    )
     parser.set_defaults(run=run)
 
 
@@ -32,7 +35,7 @@ def run(args: argparse.Namespace) -> None:
     print(describe(bank))
     out = default_bank_path(lm.fingerprint).parent / "report"
     steering = None if args.no_steering else SteeringSettings()
-    report = write_report(lm, bank, out, steering=steering)
+    report = write_report(lm, bank, out, steering=steering, transfer=not args.no_transfer)
     print(headline_text(report))
     print(f"report: {out / 'report.html'}")
     print(f"demo finished in {time.perf_counter() - start:.0f} s")

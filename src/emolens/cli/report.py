@@ -11,7 +11,8 @@ from emolens.cli._common import add_bank_option, add_model_option, load_model_fr
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "report",
-        help="validate a bank: accuracy, geometry, baseline, scenarios, intensity, steering",
+        help="validate a bank: accuracy, geometry, baseline, scenarios, intensity, steering, "
+        "cross-genre transfer, axes",
         description="Evaluate a bank on its model and write DIR/report.json, PNG figures and "
         "DIR/report.html (self-contained, readable offline).",
     )
@@ -36,6 +37,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="heldout.safetensors (default: beside the bank)",
     )
     parser.add_argument("--no-steering", action="store_true", help="skip the steering section")
+    parser.add_argument(
+        "--no-transfer", action="store_true", help="skip the cross-genre transfer section"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(run=run)
 
@@ -54,6 +58,7 @@ def run(args: argparse.Namespace) -> None:
         heldout=args.heldout,
         norms=args.norms,
         steering=None if args.no_steering else SteeringSettings(),
+        transfer=not args.no_transfer,
         progress=not args.quiet,
         layer=args.layer,
     )

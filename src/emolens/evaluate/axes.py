@@ -68,7 +68,7 @@ class SplitHalf:
     stories: int
 
 
-def principal_axes(vectors: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def components(vectors: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scores [emotions, k], directions [k, width] and explained variance ratios [k] of the
     PCA of the unit vectors (centred)."""
     units = unit_rows(vectors)
@@ -94,7 +94,7 @@ def loo_fit_r(scores: np.ndarray, target: np.ndarray) -> float | None:
     return pearson(predictions, target)
 
 
-def axes(
+def evaluate_axes(
     vectors: np.ndarray,
     emotions: Sequence[str],
     ratings: Mapping[str, tuple[float, float]],
@@ -108,16 +108,16 @@ def axes(
     """The axes of `vectors` [emotions, width]; `halves` are the emotion vectors estimated
     from each half of the stories (`stories` in all), for the split-half check."""
     emotions = list(emotions)
-    scores, _, variance = principal_axes(vectors, k)
+    scores, _, variance = components(vectors, k)
     rated = [i for i, e in enumerate(emotions) if e.lower() in ratings]
     valence = np.array([ratings[emotions[i].lower()][0] for i in rated])
     arousal = np.array([ratings[emotions[i].lower()][1] for i in rated])
     normed = [i for i, e in enumerate(emotions) if norms and e.lower() in norms]
-    components = []
+    found = []
     for c in range(scores.shape[1]):
         column = scores[:, c]
         order = np.argsort(column)
-        components.append(Component(
+        found.append(Component(
             index=c + 1,
             variance=float(variance[c]),
             valence_r=pearson(column[rated], valence),
@@ -129,7 +129,7 @@ def axes(
         ))  # fmt: skip
     split = split_half(*halves, stories) if halves is not None else None
     return Axes(
-        components=tuple(components),
+        components=tuple(found),
         fit_valence_r=loo_fit_r(scores[rated], valence),
         fit_arousal_r=loo_fit_r(scores[rated], arousal),
         rated=len(rated),
@@ -140,8 +140,8 @@ def axes(
 def split_half(first: np.ndarray, second: np.ndarray, stories: int) -> SplitHalf:
     """Compare the top three components and the similarity structure of two estimates of the
     same emotion vectors."""
-    a_scores, a_dirs, _ = principal_axes(first, 3)
-    b_scores, b_dirs, _ = principal_axes(second, 3)
+    a_scores, a_dirs, _ = components(first, 3)
+    b_scores, b_dirs, _ = components(second, 3)
     cosines = tuple(float(abs(a_dirs[c] @ b_dirs[c])) for c in range(min(len(a_dirs), len(b_dirs))))
     r = pearson(a_scores[:, 0], b_scores[:, 0])
     return SplitHalf(

@@ -141,7 +141,7 @@ def _scores(
         for row, label in zip(values, labels, strict=True)
     )
     top5 = sum(
-        bank.emotion_index(label) in row.topk(5).indices.tolist()
+        bank.emotion_index(label) in row.topk(min(5, len(row))).indices.tolist()
         for row, label in zip(values, labels, strict=True)
     )
     showcase = [(row, label) for row, label in zip(values, labels, strict=True) if label in shown]

@@ -1,51 +1,14 @@
-"""Experiment pages: one self-contained HTML file per summary (inline CSS, figures as data
-URIs, no external requests), plus the plots every behavioural study shares."""
+"""Experiment pages: one self-contained HTML file per summary (see `emolens.pages`)."""
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1100px;
-margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
-td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right;vertical-align:top}
-th{background:#f4f4f4}td.l,th.l{text-align:left}
-img{max-width:100%;height:auto;display:block;margin:.8em 0}
-.note{color:#555;font-size:.9em}code,pre{background:#f6f6f6;padding:.1em .3em}
-"""
+from emolens.pages import document, esc, image, table
 
-
-def esc(value: Any) -> str:
-    return html.escape(str(value))
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> str:
-    """An HTML table; cells are inserted as given (escape text first), the first `left`
-    columns left-aligned."""
-
-    def cell(tag: str, i: int, value: Any) -> str:
-        align = ' class="l"' if i < left else ""
-        return f"<{tag}{align}>{value}</{tag}>"
-
-    head = "".join(cell("th", i, esc(h)) for i, h in enumerate(header))
-    body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(row)) + "</tr>"
-                   for row in rows)  # fmt: skip
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def image(path: Path | None, alt: str) -> str:
-    """A PNG inlined as a data URI ("" when there is no such file)."""
-    if path is None or not path.is_file():
-        return ""
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+__all__ = ["esc", "experiment_page", "image", "interval", "table"]
 
 
 def interval(estimate: dict | None, digits: int = 2, percent: bool = False) -> str:
@@ -63,17 +26,16 @@ def interval(estimate: dict | None, digits: int = 2, percent: bool = False) -> s
     return f"{show(estimate['value'])} [{show(estimate['low'])}, {show(estimate['high'])}]"
 
 
-def document(title: str, intro: str, sections: Sequence[tuple[str, str]]) -> str:
+def experiment_page(title: str, intro: str, sections: Sequence[tuple[str, str]]) -> str:
     """A whole page: a title, an introduction and (heading, HTML) sections."""
     body = "".join(f"<h2>{esc(heading)}</h2>{content}" for heading, content in sections)
-    return (
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-        f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>{intro}{body}</body></html>"
-    )
+    return document(title, f"<h1>{esc(title)}</h1>{intro}{body}")
 
 
 def default_page(name: str, summary: dict, figures: dict[str, Path]) -> str:
     """A plain page: every figure, then the summary as JSON."""
     shown = "".join(image(path, key) for key, path in figures.items())
     raw = f"<pre>{esc(json.dumps(summary, indent=1)[:200_000])}</pre>"
-    return document(f"emolens experiment: {name}", "", [("Figures", shown), ("Summary", raw)])
+    return experiment_page(
+        f"emolens experiment: {name}", "", [("Figures", shown), ("Summary", raw)]
+    )

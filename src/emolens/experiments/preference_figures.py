@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emolens.experiments.page import document, esc, image, interval, table
+from emolens.experiments.page import esc, experiment_page, image, interval, table
 from emolens.figures import save_figure
 
 COLOURS = {"helpful": "#2ca02c", "engaging": "#17becf", "social": "#1f77b4",
@@ -170,4 +170,4 @@ def html_page(summary: dict, figures: dict[str, Path]) -> str:
         f'<p class="note">{summary["trials"]} trials, {summary["seconds"]:.0f} s of model '
         "time. Method: METHOD.md section 7 (activity preferences).</p>"
     )
-    return document("emolens experiment: activity preferences", intro, sections)
+    return experiment_page("emolens experiment: activity preferences", intro, sections)

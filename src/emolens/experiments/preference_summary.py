@@ -30,7 +30,7 @@ def _games(rows: Sequence[dict], index: dict[str, int]) -> dict[str, tuple[int, 
         item, output = row["item"], row["output"]
         difference = output["logit_a"] - output["logit_b"]
         games[item["id"]] = (index[item["a"]], index[item["b"]], float(difference > 0), difference)
-    return games
+    return dict(sorted(games.items()))  # the order of the results file never matters
 
 
 def _arrays(games: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -11,11 +11,13 @@ from typing import Any
 import numpy as np
 
 from emolens import concepts
+from emolens.evaluate.axes import Axes
 from emolens.evaluate.geometry import BankGeometry, Geometry, LayerSimilarity
 from emolens.evaluate.heldout import HeldoutTable
 from emolens.evaluate.intensity import Intensity
 from emolens.evaluate.scenarios import Scenarios
 from emolens.evaluate.steering import SteeringResult
+from emolens.evaluate.transfer import Transfer
 from emolens.figures import save_figure
 from emolens.report.results import AccuracySection, Compared
 from emolens.report.text import signed
@@ -289,3 +291,52 @@ def plot_steering(result: SteeringResult, path: str | os.PathLike) -> Path:
     figure.suptitle(f"{result.model}: steering at layer {result.layer}", fontsize=11)
     figure.tight_layout()
     return save_figure(figure, path)
+
+
+def transfer(result: Transfer, out: Path) -> dict[str, Path]:
+    """Top-1 per genre of the chosen reading, the word baseline and chance (second half)."""
+    from matplotlib.figure import Figure
+
+    from emolens.corpus import GENRES
+
+    chosen = result.chosen
+    words = result.words.get(chosen.replace(chosen.split("/")[2], "words"), {})
+    figure = Figure(figsize=(8, 3.8))
+    axes = figure.subplots()
+    x = np.arange(len(GENRES))
+    for offset, (label, rows) in zip(
+        (-0.2, 0.2), ((chosen, result.second_half[chosen]), ("words", words)), strict=True
+    ):
+        values = [
+            rows[g].top1 if g in rows and rows[g].top1 is not None else math.nan for g in GENRES
+        ]
+        axes.bar(x + offset, values, width=0.4, label=label)
+    axes.axhline(result.chance["top1"], color="black", lw=0.8, ls=":", label="chance")
+    axes.set_xticks(x, GENRES)
+    axes.set_ylabel(f"top-1 among {len(result.emotions)} emotions")
+    axes.set_title("cross-genre accuracy (texts not used to choose the reading)", fontsize=10)
+    axes.legend(fontsize=8)
+    return {"transfer": save_figure(figure, out / "transfer.png")}
+
+
+def axes(result: Axes, out: Path) -> dict[str, Path]:
+    """Variance and rating correlations of the top principal components."""
+    from matplotlib.figure import Figure
+
+    components = result.components
+    labels = [f"PC{c.index}" for c in components]
+    figure = Figure(figsize=(9, 3.6))
+    left, right = figure.subplots(1, 2)
+    left.bar(labels, [c.variance for c in components], color="#1f77b4")
+    left.set_ylabel("variance explained")
+    left.tick_params(axis="x", labelsize=7)
+    x = np.arange(len(components))
+    right.bar(x - 0.2, [c.valence_r or 0.0 for c in components], width=0.4, label="valence")
+    right.bar(x + 0.2, [c.arousal_r or 0.0 for c in components], width=0.4, label="arousal")
+    right.set_xticks(x, labels, fontsize=7)
+    right.axhline(0, color="black", lw=0.5)
+    right.set_ylabel("r with the ratings")
+    right.legend(fontsize=8)
+    figure.suptitle(f"leave-one-out fit from all components: valence r {signed(result.fit_valence_r)}, "
+                    f"arousal r {signed(result.fit_arousal_r)}", fontsize=9)  # fmt: skip
+    return {"axes": save_figure(figure, out / "axes.png")}

@@ -3,28 +3,17 @@ no external requests. Each section's renderer takes the Report and the figure fi
 
 from __future__ import annotations
 
-import base64
-import html
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from emolens import concepts
 from emolens.evaluate.geometry import Geometry, RatingFit
+from emolens.pages import document
+from emolens.pages import esc as _esc
+from emolens.pages import image as _image
+from emolens.pages import table as _table
 from emolens.report.results import Report
 from emolens.report.text import headline_text, pct, signed
-
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1100px;
-margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
-td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right;vertical-align:top}
-th{background:#f4f4f4}td.l,th.l{text-align:left}
-img{max-width:100%;height:auto;display:block;margin:.8em 0}
-.note{color:#555;font-size:.9em}.ok{color:#1a7f37}.no{color:#b42318}
-code,pre{background:#f6f6f6;padding:.1em .3em}nav a{margin-right:1em}
-"""
 
 
 def page(report: Report, sections: Sequence[tuple[str, str, str]]) -> str:
@@ -36,41 +25,16 @@ def page(report: Report, sections: Sequence[tuple[str, str, str]]) -> str:
         for key, title, content in numbered
     )
     model, bank = report.model, report.bank
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>emolens report: {_esc(model.get('name'))}</title><style>{CSS}</style></head>"
-        f"<body><h1>emolens validation report: {_esc(model.get('name'))}</h1>"
+    return document(
+        f"emolens report: {model.get('name')}",
+        f"<h1>emolens validation report: {_esc(model.get('name'))}</h1>"
         f'<p class="note">{_esc(model.get("architecture"))}, {model.get("depth")} layers, width '
         f"{model.get('width')}, weights {_esc(model.get('weights'))}; bank of "
         f"{bank.emotions} emotions at layers {bank.layers}; analysis layer {report.layer} "
         f"({report.variant} vectors). emolens {_esc(report.emolens)}, {_esc(report.created)}, "
         f"{report.seconds} s.</p>"
-        f"<h2>Headline</h2><pre>{_esc(headline_text(report))}</pre><nav>{nav}</nav>{body}"
-        "</body></html>"
+        f"<h2>Headline</h2><pre>{_esc(headline_text(report))}</pre><nav>{nav}</nav>{body}",
     )
-
-
-def _table(header: list[str], rows: list[list[Any]], left: int = 1) -> str:
-    def cell(tag: str, i: int, value: Any) -> str:
-        cls = ' class="l"' if i < left else ""
-        return f"<{tag}{cls}>{value}</{tag}>"
-
-    head = "".join(cell("th", i, html.escape(str(h))) for i, h in enumerate(header))
-    body = "".join(
-        "<tr>" + "".join(cell("td", i, v) for i, v in enumerate(row)) + "</tr>" for row in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _image(path: Path | None, alt: str) -> str:
-    if path is None or not path.is_file():
-        return ""
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value))
 
 
 def _rank(value: int | None) -> str:
@@ -287,4 +251,90 @@ def steering(report: Report, images: dict[str, Path]) -> str:
         + _esc("; ".join(result.probes.values()))
         + ".</p>"
         + _image(images.get("steering"), "steering dose-response")
+    )
+
+
+def transfer(report: Report, images: dict[str, Path]) -> str:
+    result = report.transfer
+    if result is None:
+        return '<p class="note">Not run (<code>--no-transfer</code>, or no cross-genre text for the bank\'s emotions).</p>'
+    from emolens.corpus import GENRES
+
+    chosen = result.chosen
+    ranked = sorted(result.first_half, key=lambda name: -_genre_mean(result.first_half[name]))
+    rows = []
+    for name in ranked[:12] + ([chosen] if chosen not in ranked[:12] else []):
+        second = result.second_half[name]
+        mark = " (chosen)" if name == chosen else ""
+        rows.append([f"{_esc(name)}{mark}", pct(_genre_mean(result.first_half[name]))]
+                    + [pct(second[g].top1) for g in GENRES] + [pct(_genre_mean(second))])  # fmt: skip
+    words = result.words.get(chosen.replace(chosen.split("/")[2], "words"))
+    if words:
+        rows.append(["word baseline (same reading)", ""] + [pct(words[g].top1) for g in GENRES]
+                    + [pct(_genre_mean(words))])  # fmt: skip
+    second = result.second_half[chosen]
+    detail = [[_esc(g), second[g].n, pct(second[g].top1), pct(second[g].top1_showcase),
+               pct(second[g].top5_all)] for g in GENRES]  # fmt: skip
+    chance = result.chance
+    return (
+        f"<p>{result.texts} validation texts in four genres (never used to build vectors), "
+        f"{len(result.emotions)} emotions, read at layer {result.layer}. A choice is "
+        "<i>rendering/pooling/variant/baseline</i>: the text as plain text or as a user turn; "
+        "pooled over its own tokens by the mean, the last token, the maximum of a 5-token "
+        "moving average, or read at the reply start; raw or denoised vectors; with or without "
+        "the neutral baseline (each emotion's mean reading on neutral dialogues, read the same "
+        "way, subtracted). Choices are ranked on one half of the texts and scored on the "
+        f"other. Top-1 among the {len(result.emotions)} (chance {pct(chance['top1'])}):</p>"
+        + _table(["choice", "first half (mean)", *GENRES, "second half (mean)"], rows)
+        + f"<p>The chosen reading <code>{_esc(chosen)}</code> on the second half: top-1 among "
+        f"the {len(result.emotions)}, top-1 of showcase texts among the 12 (chance "
+        f"{pct(chance['top1_showcase'])}), top-5 among all (chance {pct(chance['top5_all'])}).</p>"
+        + _table(["genre", "texts", "top-1", "showcase top-1", "top-5 of all"], detail)
+        + _image(images.get("transfer"), "cross-genre accuracy")
+    )
+
+
+def _genre_mean(rows: dict) -> float | None:
+    values = [s.top1 for s in rows.values() if s.top1 is not None]
+    return sum(values) / len(values) if values else None
+
+
+def axes(report: Report, images: dict[str, Path]) -> str:
+    result = report.axes
+    rows = [[f"PC{c.index}", pct(c.variance), signed(c.valence_r), signed(c.arousal_r),
+             signed(c.norms_valence_r), signed(c.norms_arousal_r), _esc(", ".join(c.low)),
+             _esc(", ".join(c.high))] for c in result.components]  # fmt: skip
+    split = result.split_half
+    halves = (
+        f"<p>Split-half check ({split.stories} stories): the top three components estimated "
+        "from two disjoint halves of the stories have |cos| "
+        + ", ".join(f"{v:.2f}" for v in split.component_cosine)
+        + f"; PC1 scores agree at r = {signed(split.pc1_scores_r)} and the similarity "
+        f"structures at r = {signed(split.similarity_r)}.</p>"
+        if split
+        else '<p class="note">No per-story activations beside the bank: no split-half check.</p>'
+    )
+    return (
+        f"<p>The top {len(result.components)} principal components of the {report.variant} unit "
+        f"vectors at layer {report.layer}: variance explained, r with the shipped valence and "
+        "arousal ratings (and with <code>--norms</code> if given), and the five emotions at "
+        "each end. A leave-one-out linear fit of the ratings from all of these components "
+        f"(over {result.rated} rated emotions) reaches r = {signed(result.fit_valence_r)} for "
+        f"valence and r = {signed(result.fit_arousal_r)} for arousal: valence can be "
+        "represented even where no single component carries it.</p>"
+        + _table(
+            [
+                "PC",
+                "variance",
+                "r valence",
+                "r arousal",
+                "norms r valence",
+                "norms r arousal",
+                "low end",
+                "high end",
+            ],
+            rows,
+        )  # fmt: skip
+        + halves
+        + _image(images.get("axes"), "principal axes")
     )

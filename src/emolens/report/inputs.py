@@ -45,7 +45,8 @@ class Messages:
 class Inputs:
     """Everything a section evaluator may read. `heldout` is None when no held-out file
     matches the bank (`heldout_note` says why or where it is); `norms` are human ratings from
-    `norms_path`; `steering` is None to skip steering."""
+    `norms_path`; `steering` is None to skip steering; `transfer` False skips the cross-genre
+    readings."""
 
     lm: LoadedModel
     bank: EmotionBank
@@ -57,6 +58,7 @@ class Inputs:
     norms: dict[str, tuple[float, float]] | None
     norms_path: str | None
     steering: SteeringSettings | None
+    transfer: bool = True
 
     @cached_property
     def messages(self) -> Messages:

@@ -6,12 +6,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Generic, Protocol, TypeVar
 
+from emolens.evaluate.axes import Axes
 from emolens.evaluate.geometry import BankGeometry, Geometry
 from emolens.evaluate.heldout import HeldoutTable
 from emolens.evaluate.intensity import Intensity
 from emolens.evaluate.logit_lens import LogitLens
 from emolens.evaluate.scenarios import Scenarios
 from emolens.evaluate.steering import SteeringResult
+from emolens.evaluate.transfer import Transfer
 
 
 class Serialisable(Protocol):
@@ -139,6 +141,8 @@ class Report:
     scenarios: Compared[Scenarios]
     intensity: Compared[Intensity]
     steering: SteeringResult | None
+    axes: Axes
+    transfer: Transfer | None
     seconds: float = 0.0
     step_seconds: dict[str, float] = field(default_factory=dict)
     figures: dict[str, str] = field(default_factory=dict)

@@ -4,8 +4,8 @@ figures, then write report.json, the PNGs and report.html atomically into one fo
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +27,7 @@ from emolens.report.results import BankInfo, Report
 from emolens.report.sections import SECTIONS
 
 VARIANT = "denoised"
+log = logging.getLogger("emolens")
 
 
 def write_report(
@@ -37,6 +38,7 @@ def write_report(
     heldout: str | os.PathLike | None = None,
     norms: str | os.PathLike | None = None,
     steering: SteeringSettings | None = DEFAULT_SETTINGS,
+    transfer: bool = True,
     progress: bool = True,
     layer: int | None = None,
 ) -> Report:
@@ -45,7 +47,8 @@ def write_report(
 
     `heldout` is the build's heldout.safetensors (default: beside the bank file, or in the
     model's default build folder, if it matches the bank). `norms` is a CSV of human ratings
-    (word, valence, arousal). `steering` sets the steering evaluation (None skips it).
+    (word, valence, arousal). `steering` sets the steering evaluation (None skips it);
+    `transfer` False skips the cross-genre readings.
     `layer` is the analysis layer (default: the bank's).
     """
     started = time.perf_counter()
@@ -59,7 +62,7 @@ def write_report(
     with step("word baseline"):
         words = baseline_bank(lm, bank)
     inputs = Inputs(lm, bank, words, layer, VARIANT, heldout_path, heldout_note, human,
-                    str(norms) if norms is not None else None, steering)  # fmt: skip
+                    str(norms) if norms is not None else None, steering, transfer)  # fmt: skip
     results: dict[str, Any] = {}
     for section in SECTIONS:
         if section.evaluate is not None:
@@ -96,7 +99,7 @@ def write_report(
     parts = [(s.key, s.title, s.render(report, images)) for s in SECTIONS]
     write_text(out / "report.html", html.page(report, parts))
     if progress:
-        print(f"report: wrote {out / 'report.html'} in {report.seconds} s", file=sys.stderr)
+        log.info("report: wrote %s in %s s", out / "report.html", report.seconds)
     return report
 
 
@@ -107,7 +110,8 @@ def _load_bank(bank: EmotionBank | str | os.PathLike) -> tuple[EmotionBank, Path
 
 
 class Steps:
-    """A line per report step on stderr, with its time; `seconds` keeps every step's time."""
+    """A status line per report step (the "emolens" logger), with its time; `seconds` keeps
+    every step's time."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -117,8 +121,8 @@ class Steps:
     def __call__(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         if self.enabled:
-            print(f"report: {name} ...", file=sys.stderr, flush=True)
+            log.info("report: %s ...", name)
         yield
         self.seconds[name] = round(time.perf_counter() - start, 2)
         if self.enabled:
-            print(f"report: {name} done ({self.seconds[name]:.1f} s)", file=sys.stderr)
+            log.info("report: %s done (%.1f s)", name, self.seconds[name])

@@ -22,17 +22,21 @@ import numpy as np
 import torch
 
 from emolens import concepts
+from emolens.corpus import load as load_corpus
+from emolens.evaluate.axes import Axes, evaluate_axes
 from emolens.evaluate.geometry import BankGeometry, bank_geometry
 from emolens.evaluate.heldout import HeldoutTable, heldout_accuracy
 from emolens.evaluate.intensity import Intensity, score_templates
 from emolens.evaluate.logit_lens import LogitLens, logit_lens
 from emolens.evaluate.scenarios import Scenarios, project, score_scenarios
 from emolens.evaluate.steering import SteeringResult, evaluate_steering
+from emolens.evaluate.transfer import Transfer, evaluate_transfer
 from emolens.report import figures, html
 from emolens.report.inputs import Inputs
 from emolens.report.results import AccuracySection, Chance, Compared, Report
 
 KMEANS_K, KMEANS_SEED = 10, 0
+NEUTRAL_REFERENCE = 100  # neutral dialogues behind the cross-genre neutral baseline
 RATINGS_SOURCE = "shipped judge ratings (valence, arousal 1-7) of the 171 emotions"
 
 
@@ -135,6 +139,27 @@ def steering(inputs: Inputs) -> SteeringResult | None:
     )
 
 
+def axes(inputs: Inputs) -> Axes:
+    """What the top principal components of the vectors encode, at the analysis layer."""
+    index = inputs.bank.layer_index(inputs.layer)
+    vectors = inputs.bank.vectors[inputs.variant][index].double().numpy()
+    return evaluate_axes(vectors, inputs.bank.emotions, concepts.ratings(), norms=inputs.norms)
+
+
+def transfer(inputs: Inputs) -> Transfer | None:
+    """Every readout choice on the cross-genre validation texts (None when skipped, or when
+    the bank has none of their emotions)."""
+    if not inputs.transfer:
+        return None
+    corpus = load_corpus()
+    records = [r for r in corpus.genres("validation") if r.emotion in inputs.bank.emotions]
+    if not records:
+        return None
+    neutral = [r.text for r in corpus.neutral()[:NEUTRAL_REFERENCE]]
+    return evaluate_transfer(inputs.lm, inputs.bank, records, neutral, layer=inputs.layer,
+                             words=inputs.baseline)  # fmt: skip
+
+
 SECTIONS = (
     Section("accuracy", "Held-out accuracy per layer", html.accuracy, accuracy, figures.accuracy),
     Section("geometry", "Geometry", html.geometry, geometry, figures.geometry),
@@ -143,4 +168,6 @@ SECTIONS = (
     Section("scenarios", "Implicit scenarios", html.scenarios, scenarios, figures.scenarios),
     Section("intensity", "Intensity templates", html.intensity, intensity, figures.intensity),
     Section("steering", "Steering", html.steering, steering, figures.steering),
+    Section("transfer", "Cross-genre transfer", html.transfer, transfer, figures.transfer),
+    Section("axes", "What the main axes encode", html.axes, axes, figures.axes),
 )
