@@ -44,6 +44,7 @@ def baseline(
     if not items:
         raise EmolensError("a baseline needs at least one reference text")
     scores = read_many(lm, bank, items, layer=layer, variant=variant, pool=pool)
+    assert isinstance(scores, torch.Tensor)  # pooled readings
     return scores.mean(0)
 
 

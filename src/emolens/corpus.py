@@ -221,7 +221,7 @@ def near_duplicate_groups(
         found = index.keep(text, i)
         if found is not None:
             first, score = found
-            groups[first].append((i, score))
+            groups[int(first)].append((i, score))  # type: ignore[call-overload]
     return dict(groups)
 
 
@@ -261,12 +261,16 @@ def _parse_line(path: str, number: int, line: str) -> Record | Problem:
 def read_records(path: str | os.PathLike) -> tuple[list[Record], list[Problem]]:
     """Parse one JSONL file; unparsable lines become problems. A file that cannot be read as
     UTF-8 text is an EmolensError naming its first bad line."""
-    records, problems = [], []
+    records: list[Record] = []
+    problems: list[Problem] = []
     lines = io.StringIO(concepts.read_text(path), newline=None)  # \n, \r\n or \r line ends
     for number, line in enumerate(lines, 1):
         if line.strip():
             parsed = _parse_line(str(path), number, line)
-            (records if isinstance(parsed, Record) else problems).append(parsed)
+            if isinstance(parsed, Record):
+                records.append(parsed)
+            else:
+                problems.append(parsed)
     return records, problems
 
 
@@ -325,8 +329,8 @@ def validate(records: Sequence[Record]) -> list[Problem]:
             problems.extend(_dialogue_problems(r))
     problems.extend(_split_problems(records))
     texts = [f"{r.context} {r.text}" if r.context else r.text for r in records]
-    for first, copies in near_duplicate_groups(texts).items():
-        problems.append(_duplicate_problem(records[first], [(records[i], j) for i, j in copies]))
+    for head, copies in near_duplicate_groups(texts).items():
+        problems.append(_duplicate_problem(records[head], [(records[i], j) for i, j in copies]))
     return problems
 
 
@@ -452,16 +456,16 @@ def summary(records: Sequence[Record]) -> str:
         if not group:
             continue
         lengths = [len(r.text.split()) for r in group]
-        topics = (
+        topic_count = (
             f"   topics {len({r.topic for r in group})}" if kind in ("story", "neutral") else ""
         )
         lines.append(
             f"{kind:<8} {len(group):>6} texts   words min {min(lengths)} / median "
-            f"{statistics.median(lengths):.0f} / max {max(lengths)}{topics}"
+            f"{statistics.median(lengths):.0f} / max {max(lengths)}{topic_count}"
         )
     stories = [r for r in records if r.kind == "story"]
     if stories:
-        per = defaultdict(Counter)
+        per: dict[str, Counter] = defaultdict(Counter)
         for r in stories:
             per[r.emotion][r.split] += 1
         lines.append(f"emotions {len(per):>6} with stories")

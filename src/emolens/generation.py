@@ -222,6 +222,7 @@ class Decoder:
             if len(row.tokens) >= row.sampling.max_new_tokens:
                 finish = "length"
             else:
+                assert output is not None  # only a final step runs without logits
                 row.pending = self._pick(row, output.logits[i, -1])
                 if row.pending in self.lm.eos_ids:
                     finish = "stop"
@@ -270,7 +271,7 @@ class Decoder:
                 {k: v[i].float().cpu() for k, v in self._store.items()} if self.keep else {}
             )
             row.pending = self._pick(row, output.logits[i, -1])
-        if self.rows:
+        if self.rows and self._attention is not None:
             self._cache, self._attention = _merge(self._cache, self._attention, cache, mask)
         else:
             self._cache, self._attention = cache, mask
@@ -361,7 +362,7 @@ def _stack(lm: LoadedModel, rows: Sequence[_Row], phase: str) -> dict[int, torch
 def _joinable(cache: Any) -> bool:
     """Whether new rows can join a running batch: a dynamic cache of plain (not sliding-window)
     layers, whose tensors can be left-padded and concatenated."""
-    layers = getattr(cache, "layers", None)
+    layers = getattr(cache, "layers", None) or []
     return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
 
 

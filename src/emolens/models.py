@@ -296,10 +296,10 @@ def load_model(
     if path.suffix == ".gguf":
         if not path.is_file():
             raise EmolensError(f"{path}: no such GGUF file")
-        directory, source = _dequantised_copy(path), f"gguf:{file_sha256(path)[:16]}"
+        directory, source = str(_dequantised_copy(path)), f"gguf:{file_sha256(path)[:16]}"
         name = EMBEDDED_NAME if spec is None else path.stem
     elif path.is_dir():
-        directory, source = path, f"dir:{path.resolve()}"
+        directory, source = str(path), f"dir:{path.resolve()}"
     elif spec is not None and _looks_like_hub_id(str(spec)):
         directory, source = str(spec), f"hub:{spec}"
     else:
@@ -341,7 +341,7 @@ def _from_pretrained(source: str | Path, name: str, device: str, dtype: torch.dt
             f"{_first_line(error)})"
         ) from None
     if device != "auto":
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' wrapper types it narrowly
     model.eval()
     return model, tokenizer
 
@@ -372,7 +372,7 @@ def _dequantised_copy(gguf_path: Path) -> Path:
         raise EmolensError(
             f"{gguf_path}: not a readable GGUF model ({_first_line(error)})"
         ) from None
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,7 @@ _FINAL_PUNCTUATION = re.compile(r"[.!?]['\")\]]*$")
 
 def resolve_layer(lm: LoadedModel, bank: EmotionBank, layer: int | None) -> int:
     """The layer to read (None: the bank's default), checked against the bank and model."""
-    layer = bank.default_layer if layer is None else int(layer)
-    bank.layer_index(layer)
+    layer = bank.layers[bank.layer_index(None if layer is None else int(layer))]
     check_layers(lm, [layer])
     bank.check_model(lm)
     return layer

@@ -254,7 +254,7 @@ class SteeringVector:
 
 def _bank_layers(bank: EmotionBank, layers: int | Sequence[int] | None) -> list[int]:
     if layers is None:
-        return [bank.default_layer]
+        return [bank.layers[bank.layer_index(None)]]
     chosen = [layers] if isinstance(layers, int) else list(layers)
     if not chosen:
         raise EmolensError("no layers to steer")
@@ -334,9 +334,9 @@ class _Plan:
                 )
             self.mode = positions
             return
-        rows = list(positions)
+        rows: list[Any] = list(positions)
         self.per_row = bool(rows) and not _is_span(rows[0])
-        table = [list(row) for row in rows] if self.per_row else [rows]
+        table: list[list[Any]] = [list(row) for row in rows] if self.per_row else [rows]
         for r, row in enumerate(table):
             for span in row:
                 if not _is_span(span) or span[0] < 0 or span[1] < span[0]:
@@ -382,8 +382,9 @@ class _Tracker:
         past = _cache_length(bound.get("cache", bound.get("past_key_values")))
         attention = bound.get("attention_mask")
         if self.plan.mode == "all":
-            known = _is_2d(attention) and attention.shape[-1] == past + new
-            steered = attention[:, past:].bool() if known else None
+            steered = None
+            if isinstance(attention, torch.Tensor) and attention.dim() == 2:
+                steered = attention[:, past:].bool() if attention.shape[-1] == past + new else None
             self.active = steered is None or bool(steered.any())
             self.mask = None if steered is None or bool(steered.all()) else steered[..., None]
             return

@@ -101,7 +101,7 @@ def write_arrays(
 
         def dump(staging: Path) -> None:
             with open(staging, "wb") as handle:
-                np.savez(handle, metadata=np.array(text), **arrays)
+                np.savez(handle, metadata=np.array(text), **arrays)  # type: ignore[arg-type]
 
     elif format == "safetensors":
         from safetensors.numpy import save_file

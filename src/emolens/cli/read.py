@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from emolens.bank import EmotionBank
     from emolens.generation import Sampling
     from emolens.models import LoadedModel
-    from emolens.readout import Readout
+    from emolens.readout import Readout, Segment
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -138,7 +138,7 @@ def _read_items(path: str) -> list[tuple[object, str | list[dict]]]:
     from emolens.chat import check_messages
     from emolens.jsonl import read_jsonl
 
-    items = []
+    items: list[tuple[object, str | list[dict]]] = []
     for number, value in read_jsonl(path):
         if isinstance(value, dict):
             ident, text, messages = value.get("id"), value.get("text"), value.get("messages")
@@ -217,7 +217,8 @@ def _stream(
     layer = resolve_layer(lm, bank, args.layer)
     if not quiet:
         print(_paint(f"[assistant, layer {layer}]", "1", colour))
-    pieces, pending = [], []
+    pieces: list[str] = []
+    pending: list[torch.Tensor] = []
     for token in generate(
         lm, bank, messages, layer=args.layer, variant=args.variant, **asdict(sampling)
     ):
@@ -249,12 +250,14 @@ def _print_pending(
 
 def _print_view(readout: Readout, k: int, per: str, colour: bool) -> None:
     """Per sentence (or token) of each turn: the text and its top emotions."""
-    items = [(s.start, "segment", s) for s in readout.segments()]
+    items: list[tuple[int, str, Segment | None]] = [
+        (s.start, "segment", s) for s in readout.segments()
+    ]
     items += [(index, "reply", None) for index in readout.reply_starts]
     current = None
     print(_paint(f"[layer {readout.layer}, {readout.variant}]", "2", colour))
-    for position, kind, segment in sorted(items, key=lambda item: item[0]):
-        if kind == "reply":
+    for position, _, segment in sorted(items, key=lambda item: item[0]):
+        if segment is None:  # a reply start
             scores = _scores(readout.projection[position], readout.emotions, k, colour)
             print(f"  {_paint('> assistant reply starts', '2', colour)}  {scores}")
             continue

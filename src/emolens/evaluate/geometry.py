@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 PCS = ("PC1", "PC2", "PC3")
 # Each PC is flipped so that its correlation with this rating is positive.
@@ -134,12 +135,12 @@ def pca(vectors: np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
     return scores, variance / max(float(variance.sum()), 1e-300)
 
 
-def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+def pearson(x: ArrayLike, y: ArrayLike) -> float | None:
     """Pearson r, or None when undefined (fewer than 3 points, or a constant input)."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
-    return float(np.corrcoef(x, y)[0, 1])
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def rating_correlations(

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 THRESHOLD = 0.5
 OTHERS = ("happy", "calm", "afraid", "sad")  # drawn too (first two not expected), for contrast
@@ -59,14 +60,14 @@ def filled(template: dict) -> list[str]:
     return [template["template"].replace("{X}", str(value)) for value in template["values"]]
 
 
-def spearman(scores: Sequence[float]) -> float | None:
+def spearman(scores: ArrayLike) -> float | None:
     """Spearman rho of `scores` with their index, or None when undefined."""
     from scipy.stats import spearmanr
 
-    scores = np.asarray(scores, dtype=np.float64)
-    if len(scores) < 3 or np.ptp(scores) == 0:
+    values = np.asarray(scores, dtype=np.float64)
+    if len(values) < 3 or np.ptp(values) == 0:
         return None
-    rho = float(spearmanr(np.arange(len(scores)), scores)[0])
+    rho = float(spearmanr(np.arange(len(values)), values)[0])
     return rho if math.isfinite(rho) else None
 
 

@@ -154,5 +154,5 @@ def score_scenarios(
     )
 
 
-def _rounded(rows: Sequence[np.ndarray]) -> list[list[float]]:
+def _rounded(rows: Sequence[np.ndarray] | np.ndarray) -> list[list[float]]:
     return [[round(float(v), 4) for v in row] for row in rows]

@@ -324,7 +324,7 @@ def evaluate_steering(
         )
         own_wins.append(own > random.max(0).values)
         specific.append(own > others)
-    wins, specific = torch.stack(own_wins).sum(0), torch.stack(specific).sum(0)
+    wins, specific_count = torch.stack(own_wins).sum(0), torch.stack(specific).sum(0)
     nonzero = strengths[1:]
     ref = min(nonzero, key=lambda s: abs(s - settings.reference)) if nonzero else 0.0
 
@@ -351,7 +351,7 @@ def evaluate_steering(
         summary=summary,
         reference=ref,
         beats_random=Wins(len(emotions), dict(zip(strengths, map(int, wins), strict=True))),
-        specific=Wins(len(emotions), dict(zip(strengths, map(int, specific), strict=True))),
+        specific=Wins(len(emotions), dict(zip(strengths, map(int, specific_count), strict=True))),
         perplexity=perplexity,
         degrades_at=degraded[0] if degraded else None,
         degrade_factor=settings.degrade_factor,

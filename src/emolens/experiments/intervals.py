@@ -8,10 +8,11 @@ correlations get Fisher-z intervals.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 Z95 = 1.959963984540054  # the 97.5th percentile of the standard normal
 
@@ -40,7 +41,7 @@ def wilson(successes: int, n: int, z: float = Z95) -> Estimate:
 
 
 def bootstrap(
-    values: Sequence[float],
+    values: ArrayLike,
     statistic: Callable[[np.ndarray], float] = np.mean,
     *,
     resamples: int = 2000,
@@ -60,7 +61,7 @@ def bootstrap(
     return Estimate(value, float(low), float(high), len(data))
 
 
-def correlation(x: Sequence[float], y: Sequence[float]) -> Estimate:
+def correlation(x: ArrayLike, y: ArrayLike) -> Estimate:
     """Pearson r with its Fisher-z 95% interval (undefined for fewer than 4 points or a
     constant input)."""
     a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)

@@ -80,11 +80,11 @@ def draw(summary: dict, out: Path) -> dict[str, Path]:
         figure = Figure(figsize=(7.5, 5.5))
         axes = figure.subplots()
         for e in effects:
-            x = e["probe_r"] if e["probe_r"] is not None else 0.0
+            probe_x = e["probe_r"] if e["probe_r"] is not None else 0.0
             colour = "#7f7f7f" if e["random"] else "#1f77b4"
-            axes.errorbar(x, e["effect"], yerr=[[e["effect"] - e["low"]], [e["high"] - e["effect"]]],
+            axes.errorbar(probe_x, e["effect"], yerr=[[e["effect"] - e["low"]], [e["high"] - e["effect"]]],
                           fmt="o", color=colour, ms=4, lw=0.7)  # fmt: skip
-            axes.annotate(e["emotion"], (x, e["effect"]), fontsize=6.5, xytext=(3, 2),
+            axes.annotate(e["emotion"], (probe_x, e["effect"]), fontsize=6.5, xytext=(3, 2),
                           textcoords="offset points")  # fmt: skip
         axes.axhline(0, color="black", lw=0.5)
         axes.set_xlabel("probe r (reading vs Elo) at the steered layer(s); random: 0")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -120,7 +120,7 @@ def choice_logits(
     lm: LoadedModel,
     prompts: Sequence[list[int]],
     spans: Sequence[list[tuple[int, int]]] | None = None,
-    vectors: dict[int, torch.Tensor] | None = None,
+    vectors: Mapping[int, torch.Tensor] | None = None,
     batch_size: int = 16,
 ) -> torch.Tensor:
     """Logits [prompts, 2] of "A" and "B" at the last position of each prompt, batched with
@@ -163,7 +163,7 @@ def choice_logits(
 
 
 def _plain_cache(cache: Any) -> bool:
-    layers = getattr(cache, "layers", None)
+    layers = getattr(cache, "layers", None) or []
     return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
 
 
@@ -258,7 +258,7 @@ class Preferences(Experiment):
     def run(self, lm: LoadedModel, bank: EmotionBank, trials: list[Trial]) -> list[dict]:
         probes = [t for t in trials if t.item["kind"] == "probe"]
         pairs = [t for t in trials if t.item["kind"] == "pair"]
-        records = {}
+        records: dict[str, dict] = {}
         if probes:
             readings = probe_readings(lm, bank, [t.item["a_text"] for t in probes])
             for trial, reading in zip(probes, readings, strict=True):

@@ -141,8 +141,8 @@ def _rsa(rsa: LayerSimilarity, path: Path) -> Path:
     figure = Figure(figsize=(size + 1, size))
     axes = figure.subplots()
     image = axes.imshow(matrix, cmap="viridis", vmin=min(0.0, float(np.nanmin(matrix))), vmax=1)
-    axes.set_xticks(range(len(layers)), layers)
-    axes.set_yticks(range(len(layers)), layers)
+    axes.set_xticks(range(len(layers)), [str(layer) for layer in layers])
+    axes.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     if len(layers) <= 14:
         for i in range(len(layers)):
             for j in range(len(layers)):
@@ -307,9 +307,7 @@ def transfer(result: Transfer, out: Path) -> dict[str, Path]:
     for offset, (label, rows) in zip(
         (-0.2, 0.2), ((chosen, result.second_half[chosen]), ("words", words)), strict=True
     ):
-        values = [
-            rows[g].top1 if g in rows and rows[g].top1 is not None else math.nan for g in GENRES
-        ]
+        values = [_value(rows[g].top1) if g in rows else math.nan for g in GENRES]
         axes.bar(x + offset, values, width=0.4, label=label)
     axes.axhline(result.chance["top1"], color="black", lw=0.8, ls=":", label="chance")
     axes.set_xticks(x, GENRES)
@@ -340,3 +338,7 @@ def axes(result: Axes, out: Path) -> dict[str, Path]:
     figure.suptitle(f"leave-one-out fit from all components: valence r {signed(result.fit_valence_r)}, "
                     f"arousal r {signed(result.fit_arousal_r)}", fontsize=9)  # fmt: skip
     return {"axes": save_figure(figure, out / "axes.png")}
+
+
+def _value(value: float | None) -> float:
+    return math.nan if value is None else value

@@ -81,7 +81,7 @@ def accuracy(report: Report, images: dict[str, Path]) -> str:
 def _ratings_rows(fit: RatingFit | None) -> list[list[str]]:
     if fit is None:
         return []
-    return [[pc, fit.n, signed(r.valence), signed(r.arousal)] for pc, r in fit.r.items()]
+    return [[pc, str(fit.n), signed(r.valence), signed(r.arousal)] for pc, r in fit.r.items()]
 
 
 def _clusters(part: Geometry) -> str:
@@ -261,7 +261,9 @@ def transfer(report: Report, images: dict[str, Path]) -> str:
     from emolens.corpus import GENRES
 
     chosen = result.chosen
-    ranked = sorted(result.first_half, key=lambda name: -_genre_mean(result.first_half[name]))
+    ranked = sorted(
+        result.first_half, key=lambda name: -(_genre_mean(result.first_half[name]) or 0.0)
+    )
     rows = []
     for name in ranked[:12] + ([chosen] if chosen not in ranked[:12] else []):
         second = result.second_half[name]

@@ -57,6 +57,8 @@ class Section:
 def accuracy(inputs: Inputs) -> AccuracySection:
     """Per-layer held-out accuracy of the bank (raw, denoised) and of the word baseline."""
     bank, path, source = inputs.bank, inputs.heldout, inputs.heldout_note
+    table: HeldoutTable | None
+    baseline: HeldoutTable | None
     if path is not None:
         table, baseline = heldout_accuracy(bank, path), heldout_accuracy(inputs.baseline, path)
     else:
