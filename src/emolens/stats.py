@@ -100,3 +100,39 @@ def project_out(vectors: torch.Tensor, components: torch.Tensor) -> torch.Tensor
     """Remove the span of orthonormal `components` [k, d] from `vectors` [..., d]."""
     components = components.to(vectors.dtype)
     return vectors - (vectors @ components.T) @ components
+
+
+def logistic_directions(
+    features: torch.Tensor, labels: torch.Tensor, classes: int, l2: float = 1e-3,
+    iterations: int = 200,
+) -> torch.Tensor:  # fmt: skip
+    """One-vs-rest logistic-regression weight vectors [classes, d] (float64), fitted jointly by
+    L-BFGS on the mean class-balanced logistic loss plus `l2`/2 times the squared weights.
+
+    Features are scaled by their overall standard deviation for the fit and the weights
+    mapped back, so `l2` does not depend on the activations' scale. Each class's positives
+    and negatives weigh half of its loss each.
+    """
+    x = features.to(F64)
+    scale = x.std().clamp(min=1e-12)
+    x = x / scale
+    y = torch.zeros(len(labels), classes, dtype=F64)
+    y[torch.arange(len(labels)), torch.as_tensor(labels, dtype=torch.long)] = 1.0
+    positives = y.sum(0).clamp(min=1)
+    weight = y / (2 * positives) + (1 - y) / (2 * (len(labels) - positives).clamp(min=1))
+    w = torch.zeros(x.shape[1] + 1, classes, dtype=F64, requires_grad=True)
+    design = torch.cat([x, torch.ones(len(x), 1, dtype=F64)], 1)
+    optimizer = torch.optim.LBFGS([w], max_iter=iterations, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-9, tolerance_change=1e-12)  # fmt: skip
+
+    def loss() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = design @ w
+        value = (weight * torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, y, reduction="none")).sum() / classes + 0.5 * l2 * (w[:-1] ** 2).sum()  # fmt: skip
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        optimizer.step(loss)
+    return (w[:-1].detach() / scale).T.contiguous()
