@@ -50,3 +50,13 @@ def run_truncated(lm, texts, layer, batch_size: int = 4):
             lm.model.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
     finally:
         setattr(parent, name, full)
+
+
+def fastest(rounds: int, run) -> float:
+    """The fastest of `rounds` timed runs of `run()` (the least disturbed on a shared machine)."""
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)

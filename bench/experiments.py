@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import time
+import sys
+from pathlib import Path
 
 import torch
 
@@ -22,21 +23,15 @@ from emolens.capture import pad, plan_batches
 from emolens.experiments.preferences import choice_logits, choice_prompt, load_activities
 from emolens.models import load_model
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import fastest  # noqa: E402
+
 
 @torch.inference_mode()
 def bare(lm, prompts: list[list[int]], batch_size: int) -> None:
     for batch in plan_batches(prompts, batch_size):
         ids, mask = pad([prompts[i] for i in batch], lm.pad_id, "left")
         lm.model(input_ids=ids, attention_mask=mask, **lm.keep_logits(1))
-
-
-def fastest(rounds: int, run) -> float:  # noqa: ANN001
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

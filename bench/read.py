@@ -34,7 +34,7 @@ from emolens.models import load_model, wrap_model
 from emolens.readout import generate, read, read_many
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import run_truncated, texts_of_tokens  # noqa: E402
+from _common import fastest, run_truncated, texts_of_tokens  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 EMOTIONS = Path(__file__).parents[1] / "src/emolens/data/emotions.txt"
@@ -78,16 +78,6 @@ def lockstep(runs: dict[str, Iterator]) -> tuple[dict[str, list[float]], dict[st
     return steps, produced
 
 
-def best_of(rounds: int, run) -> float:  # noqa: ANN001
-    """The fastest of `rounds` timed runs (the least disturbed on a shared machine)."""
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def batched(lm, bank, args) -> tuple[float, float]:
     texts = texts_of_tokens(lm, args.texts, (20, 60))
     layer = bank.default_layer
@@ -96,9 +86,9 @@ def batched(lm, bank, args) -> tuple[float, float]:
     looped = torch.stack([read(lm, bank, t).projection[1:].mean(0) for t in head])  # warm-up
     many = read_many(lm, bank, texts, batch_size=args.batch_size)
     error = float((many[: args.loop] - looped).abs().max())
-    loop_s = best_of(args.rounds, lambda: [read(lm, bank, t) for t in head]) / len(head)
-    many_s = best_of(args.rounds, lambda: read_many(lm, bank, texts, batch_size=args.batch_size))
-    bare_s = best_of(args.rounds, lambda: run_truncated(lm, texts, layer, args.batch_size))
+    loop_s = fastest(args.rounds, lambda: [read(lm, bank, t) for t in head]) / len(head)
+    many_s = fastest(args.rounds, lambda: read_many(lm, bank, texts, batch_size=args.batch_size))
+    bare_s = fastest(args.rounds, lambda: run_truncated(lm, texts, layer, args.batch_size))
     print(
         f"{len(texts)} texts, {tokens} tokens, layer {layer}, batch {args.batch_size}: "
         f"read_many {len(texts) / many_s:.1f} texts/s ({tokens / many_s:.0f} tok/s), "

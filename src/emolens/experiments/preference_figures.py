@@ -52,10 +52,7 @@ def draw(summary: dict, out: Path) -> dict[str, Path]:
 
     probe = summary["probe"]
     if probe:
-        layer = _probe_layer(summary)
-        j = probe["layers"].index(layer)
-        r = np.array(probe["r"][j])
-        order = np.argsort(r)
+        layer, r, order = _probe_ranking(summary)
         shown = np.concatenate([order[:10], order[-10:]])
         figure = Figure(figsize=(13, 4.2))
         bars, lines = figure.subplots(1, 2)
@@ -108,6 +105,13 @@ def draw(summary: dict, out: Path) -> dict[str, Path]:
     return drawn
 
 
+def _probe_ranking(summary: dict) -> tuple[int, np.ndarray, np.ndarray]:
+    """The headline probe layer, every emotion's probe r there, and their ascending order."""
+    layer = _probe_layer(summary)
+    r = np.array(summary["probe"]["r"][summary["probe"]["layers"].index(layer)])
+    return layer, r, np.argsort(r)
+
+
 def _probe_layer(summary: dict) -> int:
     """The layer the headline probe numbers use: the first steered layer, else the middle."""
     layers = summary["probe"]["layers"]
@@ -140,10 +144,7 @@ def html_page(summary: dict, figures: dict[str, Path]) -> str:
     ]  # fmt: skip
     probe = summary["probe"]
     if probe:
-        layer = _probe_layer(summary)
-        j = probe["layers"].index(layer)
-        r = np.array(probe["r"][j])
-        order = np.argsort(r)
+        layer, r, order = _probe_ranking(summary)
         rows = [[esc(probe["emotions"][i]), f"{r[i]:+.2f}"] for i in [*order[::-1][:5], *order[:5]]]
         per = {p["layer"]: p for p in probe["per_layer"]}[layer]
         sections.append(("Probe correlations", (
