@@ -232,6 +232,8 @@ def act(
     if fired.action == "stop":
         decoder.halt(key)
         return
+    if extra is None:
+        raise EmolensError("a guard that steers needs its steering vector")
     steering = base + extra if base is not None and base_mode != "prompt" else extra
     decoder.steer(key, steering, "response")
 

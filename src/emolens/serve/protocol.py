@@ -24,7 +24,7 @@ from emolens.steer import MODES, RANDOM_PREFIX
 
 EXTENSION_KEYS = ("read", "steer", "layers", "positions", "guard")
 # Fields whose non-default values this server cannot honour: refused rather than ignored.
-UNSUPPORTED = {
+UNSUPPORTED: dict[str, tuple[object, ...]] = {
     "stop": (None, [], ""),
     "tools": (None, []),
     "tool_choice": (None, "none"),
@@ -165,7 +165,8 @@ def _messages(messages: object, limits: Limits) -> list[dict]:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise RequestError(400, f"{where} must be an object with role and content", where)
-        role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
+        role = message.get("role")
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         if role not in ("system", "user", "assistant"):
             raise RequestError(
                 400, f"{where}.role {message.get('role')!r} is not system, user or assistant",
@@ -235,7 +236,7 @@ def _sampling(body: dict, limits: Limits, defaults: Defaults) -> tuple[Sampling,
     top_p = _number(body, "top_p", 0.0, 1.0, base.top_p)
     if top_p == 0:
         raise RequestError(400, "'top_p' must be above 0", "top_p")
-    count = tokens if given else min(base.max_new_tokens, limits.max_tokens)
+    count = tokens if isinstance(tokens, int) else min(base.max_new_tokens, limits.max_tokens)
     return Sampling(count, temperature, top_p, seed), given
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -61,7 +61,7 @@ class Scheduler:
         self._lock = threading.Condition()
         self._inbox: list[Job] = []
         self._cancelled: set[str] = set()
-        self._jobs: dict[str, Job] = {}
+        self._jobs: dict[Hashable, Job] = {}
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="emolens-decoder", daemon=True)
         self.steps = 0  # decoding steps run
