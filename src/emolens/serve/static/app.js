@@ -79,6 +79,7 @@ async function loadBank() {
   drawMap();
   drawTrajectory();
   showGuard();
+  if (!state.steers.length) addSteer(undefined, 0);
 }
 
 async function errorText(response) {
@@ -415,4 +416,4 @@ for (const id of ["guard-on", "g-when", "g-direction", "g-threshold", "g-window"
   $(id).addEventListener("input", showGuard);
   $(id).addEventListener("change", showGuard);
 }
-start().then(() => { if (state.info) addSteer(undefined, 0); });
+start();
