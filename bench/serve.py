@@ -64,7 +64,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads here and in the server (default: torch's choice)")  # fmt: skip
     args = parser.parse_args()
+    environment = dict(os.environ)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        environment["OMP_NUM_THREADS"] = str(args.threads)
     torch.manual_seed(0)
     lm = load_model(args.model)
     scratch = Path(tempfile.mkdtemp(prefix="emolens-bench-serve-"))
@@ -75,7 +81,7 @@ def main() -> None:
     if args.model:
         command += ["--model", args.model]
     log = open(scratch / "server.log", "w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
     try:
         url = _wait(server, port, scratch / "server.log")
         print(f"{lm.name}, {kind}, {args.tokens} new tokens, {args.clients} clients, "
