@@ -7,6 +7,7 @@ the same greedy generations are then timed, in alternating rounds:
            counts (on a crowded machine torch's threads behave very differently in each)
   serve    one streamed request through the server (the official `openai` client)
   read     the same request reading ["calm", "desperate", "top:5"] with a guard that never fires
+           (serve and read run twice per round, in A-B-B-A order)
   clients  --clients concurrent streamed requests (different prompts), total tokens/s
 The fastest round of each is kept (the least disturbed on a shared machine). Last line:
 serve_vs_direct=R1 concurrent_gain=R2 readout_overhead=R3 with R1 = serve / direct tokens/s
@@ -88,14 +89,21 @@ def main() -> None:
               f"{torch.get_num_threads()} torch threads, {args.rounds} rounds")  # fmt: skip
         best: dict[str, float] = {}
         for round_ in range(args.rounds):
+            one = [PROMPTS[0]]
+            many = [PROMPTS[i % len(PROMPTS)] for i in range(args.clients)]
             measured = {
                 "direct": _direct(lm, PROMPTS[0], args.tokens),
                 "direct_thread": _in_thread(_direct, lm, PROMPTS[0], args.tokens),
-                "serve": _served(url, lm.name, [PROMPTS[0]], args.tokens, None),
-                "read": _served(url, lm.name, [PROMPTS[0]], args.tokens, EXTENSION),
-                "clients": _served(url, lm.name, [PROMPTS[i % len(PROMPTS)]
-                                                  for i in range(args.clients)], args.tokens, None),
-            }  # fmt: skip
+                # serve and read in A-B-B-A order, so that a drift in load hits both alike
+                "serve": _served(url, lm.name, one, args.tokens, None),
+                "read": _served(url, lm.name, one, args.tokens, EXTENSION),
+            }
+            measured["read"] = max(measured["read"], _served(url, lm.name, one, args.tokens,
+                                                             EXTENSION))  # fmt: skip
+            measured["serve"] = max(
+                measured["serve"], _served(url, lm.name, one, args.tokens, None)
+            )
+            measured["clients"] = _served(url, lm.name, many, args.tokens, None)
             print(
                 f"round {round_ + 1}: "
                 + "  ".join(f"{k} {v:.1f} tok/s" for k, v in measured.items())
