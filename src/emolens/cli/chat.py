@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
+import json
 from typing import TYPE_CHECKING
 
 from emolens.cli._common import (
@@ -19,12 +19,14 @@ from emolens.errors import EmolensError
 
 if TYPE_CHECKING:
     from emolens.bank import EmotionBank
+    from emolens.guard import Guard
     from emolens.models import LoadedModel
     from emolens.steer import SteeringVector
 
 HELP = (
     "commands: /steer NAME=S [NAME=S ...] (set strengths; /steer alone shows them), "
-    "/unsteer, /top N, /reset (forget the conversation), /quit (or end of input)"
+    "/unsteer, /guard RULE (a JSON guard; /guard alone shows it), /unguard, /top N, "
+    "/reset (forget the conversation), /quit (or end of input)"
 )
 
 
@@ -40,6 +42,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_steering_options(parser)
     parser.add_argument("--system", default=None, help="a system prompt")
     parser.add_argument("--top", type=int, default=3, metavar="K", help="emotions shown (3)")
+    parser.add_argument(
+        "--guard",
+        default=None,
+        metavar="JSON",
+        help='a guard rule, e.g. \'{"when": "desperate", "above": 0.6, "window": 8, '
+        '"then": {"steer": {"calm": 0.05}}}\' (scaled readout units; see emolens.guard)',
+    )
     add_sampling_options(parser, max_new_tokens=128)
     parser.set_defaults(run=run)
 
@@ -80,6 +89,9 @@ class Session:
         self.layer = resolve_layer(lm, bank, args.layer)
         self.top = args.top
         self.strengths: dict[str, float] = {}
+        self.guard: Guard | None = None
+        if args.guard is not None:
+            self._set_guard(args.guard)
         self.messages: list[dict] = []
         self._reset()
 
@@ -105,6 +117,15 @@ class Session:
         elif name == "/unsteer":
             self.strengths = {}
             print("steering: none", flush=True)
+        elif name == "/guard":
+            rule = line.strip()[len(name) :].strip()
+            if rule:
+                self._set_guard(rule)
+            shown = json.dumps(self.guard.to_dict()) if self.guard else "none"
+            print(f"guard: {shown}", flush=True)
+        elif name == "/unguard":
+            self.guard = None
+            print("guard: none", flush=True)
         elif name == "/top":
             if len(rest) != 1 or not rest[0].isdigit() or int(rest[0]) < 1:
                 raise EmolensError("usage: /top N (a positive whole number)")
@@ -118,36 +139,50 @@ class Session:
         return True
 
     def say(self, text: str) -> None:
-        """Send a user message, stream the reply and print its mean readout."""
-        from dataclasses import asdict
-
+        """Send a user message, stream the reply (under the guard, if any) and print its
+        mean readout."""
         import torch
 
-        from emolens.readout import generate, top_emotions
+        from emolens.chat import render
+        from emolens.generation import Decoder
+        from emolens.guard import Watch, act, reference_scale
+        from emolens.readout import score, top_emotions
 
         self.messages.append({"role": "user", "content": text})
-        context = (
-            self._vector(self.strengths).apply(self.lm, self.args.positions)
-            if self.strengths
-            else nullcontext()
-        )
-        pieces, scores = [], []
+        pieces, scores, fired = [], [], []
         try:
+            steering = self._vector(self.strengths) if self.strengths else None
+            watch = extra = None
+            if self.guard is not None:
+                scale = reference_scale(self.lm, self.bank, self.layer, self.args.variant)
+                index = self.bank.emotion_index(self.guard.emotion)
+                watch = Watch(self.guard, float(scale[index]))
+                extra = self.guard.steering(self.bank, self.layer, variant=self.args.variant,
+                                            allow_strong=self.args.allow_strong)  # fmt: skip
+            decoder = Decoder(self.lm, [self.layer])
+            prompt = render(self.lm, self.messages, add_generation_prompt=True).ids
+            decoder.add(0, prompt, self.sampling, steering, self.args.positions)
             print("model> ", end="", flush=True)
-            with context:
-                for token in generate(
-                    self.lm, self.bank, self.messages, layer=self.layer,
-                    variant=self.args.variant, **asdict(self.sampling),
-                ):  # fmt: skip
-                    print(token.text, end="", flush=True)
-                    pieces.append(token.text)
-                    scores.append(token.scores)
+            while decoder.busy:
+                for step in decoder.step():
+                    print(step.text, end="", flush=True)
+                    pieces.append(step.text)
+                    projection = score(step.residuals[self.layer], self.bank, self.layer,
+                                       self.args.variant).cpu()  # fmt: skip
+                    scores.append(projection)
+                    event = watch.push(float(projection[index])) if watch is not None else None
+                    if event is not None:
+                        fired.append(event)
+                        if step.finish is None:
+                            act(event, decoder, 0, steering, self.args.positions, extra)
         except BaseException:
             self.messages.pop()
             print()
             raise
         print()
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        for event in fired:
+            print(f"    [{event.describe()}]", flush=True)
         if not scores:
             print("    (empty reply)", flush=True)
             return
@@ -158,6 +193,11 @@ class Session:
         )
         note = f"; includes steering {self._describe()}" if self.strengths else ""
         print(f"    [{shown}]  mean over the reply, layer {self.layer}{note}", flush=True)
+
+    def _set_guard(self, rule: str) -> None:
+        from emolens.guard import Guard
+
+        self.guard = Guard.parse(rule, self.bank.emotions, self.args.allow_strong)
 
     def _vector(self, strengths: dict[str, float]) -> SteeringVector:
         return self.bank.steering(strengths, self.layer, variant=self.args.variant,
