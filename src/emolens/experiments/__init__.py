@@ -18,7 +18,11 @@ if TYPE_CHECKING:
     from emolens.experiments.runner import Experiment
     from emolens.models import LoadedModel
 
-STUDIES = {"preferences": "emolens.experiments.preferences:Preferences"}
+STUDIES = {
+    "preferences": "emolens.experiments.preferences:Preferences",
+    "blackmail": "emolens.experiments.blackmail:Blackmail",
+    "sycophancy": "emolens.experiments.sycophancy:Sycophancy",
+}
 
 
 def study(name: str) -> type[Experiment]:

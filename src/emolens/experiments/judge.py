@@ -208,3 +208,51 @@ def open_judge(
     `options` go to `OpenAIJudge` (api_key, timeout, max_retries, max_tokens, temperature)."""
     endpoint = OpenAIJudge(url, model, **options)
     return CachedJudge(endpoint, cache) if cache is not None else endpoint
+
+
+def local_judge(
+    spec: str, *, max_new_tokens: int = 512, device: str | None = None
+) -> CallableJudge:
+    """A judge on any model emolens loads (a local directory, a .gguf file, a hub id, or
+    "embedded" for the shipped SmolLM2), answering greedily through emolens' decoding loop.
+    Its name is the model's name and weights digest, so a cache never mixes two models."""
+    from emolens.generation import Sampling, decode
+    from emolens.models import load_model
+
+    lm = load_model(None if spec == "embedded" else spec, device=device)
+    sampling = Sampling(max_new_tokens=max_new_tokens)
+
+    def complete(messages: Messages) -> str:
+        prompt = lm.encode_chat(messages, add_generation_prompt=True)
+        return decode(lm, [prompt], sampling)[0].text
+
+    return CallableJudge(complete, f"{lm.name}@{lm.fingerprint['weights']}")
+
+
+def check_judge_options(spec: str | None, url: str | None, model: str | None) -> None:
+    """Refuse a half-given or doubly-given judge before any work is done."""
+    if spec is not None and url is not None:
+        raise EmolensError("give --judge SPEC or --judge-url URL --judge-model NAME, not both")
+    if (url is None) != (model is None):
+        raise EmolensError("--judge-url and --judge-model go together")
+
+
+def make_judge(
+    spec: str | None = None,
+    *,
+    url: str | None = None,
+    model: str | None = None,
+    cache: str | os.PathLike | None = None,
+    max_tokens: int = 512,
+    device: str | None = None,
+) -> Judge | None:
+    """The judge of ``--judge SPEC`` (a local model) or ``--judge-url URL --judge-model NAME``
+    (an endpoint), cached in `cache` when given; None when neither is given."""
+    check_judge_options(spec, url, model)
+    if spec is not None:
+        judge: Judge = local_judge(spec, max_new_tokens=max_tokens, device=device)
+    elif url is not None and model is not None:
+        judge = OpenAIJudge(url, model, max_tokens=max_tokens)
+    else:
+        return None
+    return CachedJudge(judge, cache) if cache is not None else judge

@@ -210,6 +210,7 @@ class Preferences(Experiment):
     name = "preferences"
     description = "activity preferences: Elo, probe correlations and steering shifts"
     default_positions = ACTIVITY
+    summary_module = "emolens.experiments.preference_summary"
 
     def __init__(self, activities: list[dict], *, opponents: int | None = 8, split_seed: int = 0,
                  batch_size: int = 16) -> None:  # fmt: skip
@@ -279,26 +280,6 @@ class Preferences(Experiment):
                     "logit_a": round(row[0], 5), "logit_b": round(row[1], 5),
                     "choice": "A" if row[0] > row[1] else "B"}}  # fmt: skip
         return [records[t.id] for t in trials]
-
-    def summarize(self, rows: list[dict]) -> dict:
-        from emolens.experiments.preference_summary import summarize
-
-        return summarize(rows)
-
-    def figures(self, summary: dict, out: Path) -> dict[str, Path]:
-        from emolens.experiments.preference_summary import figures
-
-        return figures(summary, out)
-
-    def page(self, summary: dict, figures: dict[str, Path]) -> str:
-        from emolens.experiments.preference_summary import page
-
-        return page(summary, figures)
-
-    def headline(self, summary: dict) -> str:
-        from emolens.experiments.preference_summary import headline
-
-        return headline(summary)
 
     @classmethod
     def create(cls, activities: str | os.PathLike | None = None, *, opponents: int | None = 8,

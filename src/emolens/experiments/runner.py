@@ -11,19 +11,23 @@ everything else:
 - resume: trials already in the file are skipped, so a re-run after a crash (even a SIGKILL)
   finishes the same trials with the same seeds; lines from another model, bank or item set
   are refused; a corrupt line is reported (file:line) and its trial is run again;
-- batching by condition, a progress bar with ETA, and summarising a results file alone.
+- batching by condition, a progress bar with ETA, and summarising a results file alone;
+- annotations: before summarising, a study may append rows made from finished trials (a
+  judge's verdicts, `Experiment.annotate`); they repeat their trial's identity fields, so the
+  checks above and resume treat them as part of that trial.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
 import time
 import tomllib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -193,6 +197,9 @@ class Experiment(ABC):
     name: ClassVar[str]
     description: ClassVar[str] = ""
     default_positions: ClassVar[str] = "all"
+    # A module with summarize(rows) and optionally figures(summary, out), page(summary,
+    # figures) and headline(summary): the study's summary, imported when first needed.
+    summary_module: ClassVar[str | None] = None
 
     def __init__(self, items: list[dict]) -> None:
         if not items:
@@ -213,22 +220,41 @@ class Experiment(ABC):
         """One record per trial (all share a condition): the prompt(s), the output, the
         grade(s) and the readout that matters for the study."""
 
-    @abstractmethod
     def summarize(self, rows: list[dict]) -> dict:
         """A JSON-able summary of the result rows (pure: the rows alone decide it)."""
+        summarize = self._summary("summarize")
+        if summarize is None:
+            raise NotImplementedError(f"{self.name}: no summary_module with summarize(rows)")
+        return summarize(rows)
+
+    def _summary(self, function: str) -> Callable | None:
+        """`function` of the study's summary module, if it has one."""
+        if self.summary_module is None:
+            return None
+        return getattr(importlib.import_module(self.summary_module), function, None)
+
+    def annotate(self, rows: list[dict], results: Path) -> Iterator[list[dict]]:
+        """Rows made from the finished ones (a judge's verdicts), yielded in chunks that are
+        appended to `results` as they come and summarised with the rest (none by default)."""
+        return iter(())
 
     def figures(self, summary: dict, out: Path) -> dict[str, Path]:
         """PNG figures of a summary, written into `out`."""
-        return {}
+        figures = self._summary("figures")
+        return figures(summary, out) if figures else {}
 
     def page(self, summary: dict, figures: dict[str, Path]) -> str:
         """The summary as one self-contained HTML page."""
         from emolens.experiments.page import default_page
 
-        return default_page(self.name, summary, figures)
+        page = self._summary("page")
+        return page(summary, figures) if page else default_page(self.name, summary, figures)
 
     def headline(self, summary: dict) -> str:
         """A few terminal lines about a summary."""
+        headline = self._summary("headline")
+        if headline:
+            return headline(summary)
         return f"{self.name}: {summary.get('trials', '?')} trials summarised"
 
     @classmethod
@@ -351,14 +377,30 @@ def run_experiment(
                 results.write(rows)
                 done += rows
                 bar.update(len(chunk))
-    return summarize_rows(experiment, done, out)
+    return summarize_rows(experiment, done, out, path)
 
 
-def summarize_rows(experiment: Experiment, rows: list[dict], out: str | os.PathLike) -> dict:
-    """Summarise result rows into `out`: summary.json, the figures and page.html."""
+def summarize_rows(
+    experiment: Experiment,
+    rows: list[dict],
+    out: str | os.PathLike,
+    results: str | os.PathLike | None = None,
+) -> dict:
+    """Summarise result rows into `out`: summary.json, the figures and page.html. With the
+    `results` file they came from, the study's `annotate` rows are appended to it first."""
     if not rows:
         raise EmolensError(f"{experiment.name}: no results to summarise")
     out = Path(out)
+    if results is not None:
+        log = None
+        try:
+            for chunk in experiment.annotate(rows, Path(results)):
+                log = log or AppendLog(results)  # opened only when there is something to add
+                log.write(chunk)
+                rows = [*rows, *chunk]
+        finally:
+            if log is not None:
+                log.close()
     summary = experiment.summarize(rows)
     write_text(out / "summary.json", json.dumps(summary, indent=1, allow_nan=False))
     figures = experiment.figures(summary, out)
@@ -372,4 +414,4 @@ def summarize_file(
     """Re-summarise a results file without running anything (into its folder by default)."""
     path = Path(results)
     rows = read_results(path, experiment.name).rows
-    return summarize_rows(experiment, rows, out if out is not None else path.parent)
+    return summarize_rows(experiment, rows, out if out is not None else path.parent, path)
