@@ -275,7 +275,7 @@ class Service:
             while True:
                 try:
                     event = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if await request.is_disconnected():
                         self.scheduler.cancel(job.key)
                         return JSONResponse({}, status_code=499)
