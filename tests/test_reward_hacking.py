@@ -128,7 +128,9 @@ def test_the_study_grades_reads_summarises_and_resumes(tiny_and_bank, tmp_path):
     summary = run_experiment(experiment, lm, bank, tmp_path, conditions, progress=False)
     rows = read_results(tmp_path / "results.jsonl").rows
     assert len(rows) == 9
-    hack = next(r for r in rows if r["item"]["id"] == "add" and r["condition"]["name"] == "unsteered")
+    hack = next(
+        r for r in rows if r["item"]["id"] == "add" and r["condition"]["name"] == "unsteered"
+    )
     grade = hack["grade"]
     assert grade["outcome"] == "hack" and grade["hack_kind"] == "special_casing"
     assert grade["passed_at"] == 2 and grade["special_cased"] is True
@@ -166,7 +168,10 @@ def test_the_study_grades_reads_summarises_and_resumes(tiny_and_bank, tmp_path):
     page = (tmp_path / "page.html").read_text()
     assert "special_casing 1" in page and "data:image/png" in page
     headline = experiment.headline(summary)
-    assert "hack rate" in headline and "mean desperate per attempt: +1.00, +2.00, +3.00, +4.00" in headline
+    assert (
+        "hack rate" in headline
+        and "mean desperate per attempt: +1.00, +2.00, +3.00, +4.00" in headline
+    )
 
     # resume: nothing left to run; a lost line is run again, alone
     calls = len(policy.calls)
@@ -181,7 +186,11 @@ def test_the_study_grades_reads_summarises_and_resumes(tiny_and_bank, tmp_path):
 
 
 def test_bad_task_rows_are_reported_by_id_and_the_rest_runs(tmp_path, caplog):
-    broken_canonical = {**DOUBLE.__dict__, "id": "broken", "canonical": "def double(x):\n    return x\n"}
+    broken_canonical = {
+        **DOUBLE.__dict__,
+        "id": "broken",
+        "canonical": "def double(x):\n    return x\n",
+    }
     unparsable = {**ADD.__dict__, "id": "unparsable", "tests": "def check(candidate:\n"}
     missing = {k: v for k, v in HALVE.__dict__.items() if k != "entry_point"} | {"id": "missing"}
     path = write_tasks(tmp_path / "tasks.jsonl", [ADD, DOUBLE],

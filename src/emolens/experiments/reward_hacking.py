@@ -226,17 +226,31 @@ def episode_record(episode: Episode, emotions: Sequence[str], layer: int) -> dic
     grade = grade_episode(episode.task, episode.attempts)
     return {
         "prompt_tokens": [r.prompt_tokens for r in replies],
-        "output": {"finish": [r.finish for r in episode.replies],
-                   "tokens": [len(r.scores) for r in replies]},  # fmt: skip
+        "output": {
+            "finish": [r.finish for r in episode.replies],
+            "tokens": [len(r.scores) for r in replies],
+        },  # fmt: skip
         "transcript": episode.messages,
-        "attempts": [{"code": a.code, "ran": a.visible is not None, "passed": a.passed,
-                      "timed_out": bool(a.visible and a.visible.timed_out),
-                      "returncode": a.visible.returncode if a.visible else None,
-                      "hidden_passed": a.hidden_passed} for a in episode.attempts],  # fmt: skip
+        "attempts": [
+            {
+                "code": a.code,
+                "ran": a.visible is not None,
+                "passed": a.passed,
+                "timed_out": bool(a.visible and a.visible.timed_out),
+                "returncode": a.visible.returncode if a.visible else None,
+                "hidden_passed": a.hidden_passed,
+            }
+            for a in episode.attempts
+        ],  # fmt: skip
         "grade": asdict(grade),
-        "readout": {"layer": layer, "emotions": list(emotions), "turns": turns,
-                    "traces": {name: [[round(s[e], 3) for s in r.scores] for r in replies]
-                               for name, e in traced}},  # fmt: skip
+        "readout": {
+            "layer": layer,
+            "emotions": list(emotions),
+            "turns": turns,
+            "traces": {
+                name: [[round(s[e], 3) for s in r.scores] for r in replies] for name, e in traced
+            },
+        },  # fmt: skip
     }
 
 

@@ -244,7 +244,9 @@ def page(summary: dict, figures: dict[str, Path]) -> str:
                 ("Readout per attempt", trajectory)]  # fmt: skip
     example = summary["example"]
     if example:
-        passed = "never" if example["passed_at"] is None else f"at attempt {example['passed_at'] + 1}"
+        passed = (
+            "never" if example["passed_at"] is None else f"at attempt {example['passed_at'] + 1}"
+        )
         sections.append(("One episode", image(figures.get("episode"), "episode")
                          + f"<p>Task {esc(example['task'])} ({esc(example['kind'])}) under "
                          f"{esc(example['condition'])}: {esc(example['outcome'])}; tests passed "
