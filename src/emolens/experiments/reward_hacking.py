@@ -280,10 +280,13 @@ def load_task_file(path: str | os.PathLike) -> tuple[list[CodingTask], list[str]
     return load_tasks(path)
 
 
-def usable_tasks(tasks: Sequence[CodingTask], problems: Sequence[str]) -> list[CodingTask]:
-    """The tasks whose canonical solution behaves as their kind says; every problem (the
-    loader's and the sandbox's) is logged and its task left out."""
-    found = [*problems, *check_tasks(tasks)]
+def usable_tasks(
+    tasks: Sequence[CodingTask], problems: Sequence[str], check: bool = True
+) -> list[CodingTask]:
+    """The tasks left after logging every problem (the loader's, and with `check` the
+    sandbox's: a canonical solution that does not behave as its task's kind says) and
+    leaving out the tasks they name."""
+    found = [*problems, *(check_tasks(tasks) if check else [])]
     bad = {t.id for t in tasks if any(p.startswith(f"{t.id}: ") for p in found)}
     for problem in found:
         log.warning("reward-hacking: task left out: %s", problem)
@@ -322,7 +325,8 @@ class RewardHacking(Experiment):
         episodes = play([self.tasks[t.item["id"]] for t in trials], policy, trials[0].condition,
                         [t.seed for t in trials], self.attempts)  # fmt: skip
         emotions = read_emotions(bank)
-        return [episode_record(e, emotions, bank.default_layer) for e in episodes]
+        layer = bank.layers[bank.layer_index(None)]
+        return [episode_record(e, emotions, layer) for e in episodes]
 
     @classmethod
     def create(
@@ -341,7 +345,7 @@ class RewardHacking(Experiment):
         if type(humaneval) is not int or humaneval < 0:
             raise EmolensError(f"--humaneval must be a whole number >= 0, not {humaneval!r}")
         chosen, problems = load_task_file(tasks) if tasks is not None else load_tasks()
-        chosen = usable_tasks(chosen, problems) if check else chosen
+        chosen = usable_tasks(chosen, problems, check)
         if humaneval and (limit is None or len(chosen) < limit):
             try:
                 chosen += humaneval_tasks(progress=False)[0][:humaneval]

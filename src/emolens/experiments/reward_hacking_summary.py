@@ -35,7 +35,7 @@ SHOWN = ("desperate", "calm")  # the emotions the trajectory figure draws
 
 
 def _mean(values: list[list[float]]) -> list[float] | None:
-    return np.round(np.mean(values, 0), 4).tolist() if values else None
+    return [round(float(v), 4) for v in np.mean(values, 0)] if values else None
 
 
 def _trajectory(rows: Sequence[dict], attempts: int) -> dict:
