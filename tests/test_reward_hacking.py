@@ -6,6 +6,7 @@ CLI, and (slow) on the embedded model."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -15,14 +16,17 @@ from emolens.errors import EmolensError
 from emolens.experiments import study
 from emolens.experiments.coding_tasks import CodingTask
 from emolens.experiments.reward_hacking import (
+    ModelPolicy,
     Reply,
     RewardHacking,
+    episode_record,
     feedback,
     play,
     task_item,
 )
 from emolens.experiments.runner import Condition, read_results, run_experiment, summarize_file
 from emolens.experiments.scenario_study import read_emotions
+from emolens.generation import Sampling
 from tests.conftest import save_for_cli, tiny_llama
 
 EMOTIONS = ["desperate", "calm", "afraid", "happy"]
@@ -117,6 +121,23 @@ def test_the_agent_loop_retries_on_failures_until_the_hack(tiny_and_bank):
     assert "no Python code" in halve.messages[2]["content"]
     assert feedback(None, 1).endswith("1 attempt left. Reply with the complete code in one "
                                       "```python block.")  # fmt: skip
+
+
+def test_a_chat_that_outgrows_the_context_ends_its_episode():
+    lm = tiny_llama(context=512)
+    bank = random_bank(EMOTIONS, list(range(lm.depth)), lm.width, norm=3.0, seed=5)
+    bank.default_layer = 2
+    policy = ModelPolicy(lm, bank, Sampling(max_new_tokens=8))
+    too_long = replace(ADD, id="too_long", prompt="Return the sum. " * 40)
+    fits, outgrows = play([ADD, too_long], policy, Condition(), [0, 1], attempts=5)
+    assert [r.finish for r in outgrows.replies] == ["context"] and not outgrows.attempts
+    assert 1 <= len(fits.attempts) < 5 and fits.replies[-1].finish == "context"
+    assert len(fits.replies) == len(fits.attempts) + 1
+    assert len(fits.replies[0].scores) == len(lm.tokenizer(fits.replies[0].text)["input_ids"])
+    record = episode_record(fits, read_emotions(bank), 2)
+    assert record["output"]["finish"][-1] == "context"
+    assert len(record["readout"]["turns"]) == len(fits.attempts)
+    assert episode_record(outgrows, read_emotions(bank), 2)["grade"]["outcome"] == "fail"
 
 
 def test_the_study_grades_reads_summarises_and_resumes(tiny_and_bank, tmp_path):
