@@ -258,7 +258,7 @@ def page(summary: dict, figures: dict[str, Path]) -> str:
     intro = (f'<p class="note">{summary["trials"]} episodes of up to {summary["attempts"]} '
              f"attempts, {t['seconds']:.0f} s of model and sandbox time "
              f"({t['seconds_per_trial']:.1f} s and {t['tokens_per_trial']:.0f} generated tokens "
-             f"per episode; reply endings {esc(t['finish'])}). Readout at layer "
+             f"per episode; reply endings: {esc(', '.join(f'{k} {v}' for k, v in t['finish'].items()))}). Readout at layer "
              f"{summary['readout']['layer']}. Method: METHOD.md section 7 (reward hacking). "
              "Small models rarely hack: read the counts with their intervals.</p>")  # fmt: skip
     return experiment_page("emolens experiment: reward hacking", intro, sections)
