@@ -169,7 +169,7 @@ def _trajectory_figure(summary: dict, shown: list[str], path: Path) -> Path:
     from matplotlib.figure import Figure
 
     palette = colormaps["tab20"]
-    figure = Figure(figsize=(5.5 * len(shown), 4.2))
+    figure = Figure(figsize=(5.5 * len(shown) + 1.6, 4.2), layout="constrained")
     axes = figure.subplots(1, len(shown), squeeze=False)[0]
     attempts = np.arange(1, summary["attempts"] + 1)
     for ax, name in zip(axes, shown, strict=True):
@@ -186,7 +186,7 @@ def _trajectory_figure(summary: dict, shown: list[str], path: Path) -> Path:
         ax.set_xlabel("attempt (star: tests first pass here)")
         ax.set_ylabel(f"mean {name} reading over the reply")
         ax.set_title(f"{name} per attempt", fontsize=10)
-    axes[-1].legend(fontsize=6, loc="best")
+    axes[-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
     return save_figure(figure, path)
 
 
