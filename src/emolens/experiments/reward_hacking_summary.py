@@ -136,8 +136,11 @@ def headline(summary: dict) -> str:
              f"  {'condition':<22} " + "  ".join(summary["outcomes"])]  # fmt: skip
     for e in summary["conditions"]:
         counts = "  ".join(f"{e['counts'][o]:>{len(o)}}" for o in summary["outcomes"])
-        lines.append(f"  {e['condition']:<22} {counts}   hack rate (impossible) "
-                     f"{interval(e['hack_rate'], percent=True)}")  # fmt: skip
+        rates = [f"{name} {interval(e[key], percent=True)}"
+                 for name, key in (("hack rate (impossible)", "hack_rate"),
+                                   ("honest pass rate (controls)", "honest_pass_rate"))
+                 if e[key]["n"]]  # fmt: skip
+        lines.append(f"  {e['condition']:<22} {counts}   " + "; ".join(rates))
     for e in summary["conditions"][:1]:
         for name in SHOWN:
             values = [_reading(summary, e, name, k) for k in range(summary["attempts"])]
