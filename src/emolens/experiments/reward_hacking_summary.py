@@ -7,6 +7,8 @@ success; the attempt of the first pass; and the readout trajectory: per attempt,
 over episodes of each emotion's reading averaged over the reply (and at the assistant's
 first position). One episode (the first hack unsteered, else any hack, else the first
 pass, else the first episode) is kept whole with its per-token desperate and calm traces.
+Where the read layer is also steered (the default), a steered reading includes the
+steering vector itself: compare trajectories within a condition, not across.
 """
 
 from __future__ import annotations
