@@ -22,6 +22,7 @@ STUDIES = {
     "preferences": "emolens.experiments.preferences:Preferences",
     "blackmail": "emolens.experiments.blackmail:Blackmail",
     "sycophancy": "emolens.experiments.sycophancy:Sycophancy",
+    "reward-hacking": "emolens.experiments.reward_hacking:RewardHacking",
 }
 
 
