@@ -1,0 +1,154 @@
+"""Ray executors on a local two-CPU cluster: a sharded build gives the single-process bank,
+resumes from its checkpoint without recomputing finished shards, and survives a worker killed
+with SIGKILL; an experiment run over workers gives the single-process summary."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import emolens
+from emolens import concepts
+from emolens.build import Recipe, build
+from emolens.distributed import RayBuild
+from emolens.errors import EmolensError
+from emolens.models import load_model
+from tests.conftest import tiny_llama
+from tests.test_build import subset
+
+ray = pytest.importorskip("ray")
+RECIPE = Recipe(layers=(1, 3))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tiny model saved where every worker can load it."""
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    lm = tiny_llama(context=1024)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return subset(concepts.emotions()[:6], n_neutral=12)
+
+
+@pytest.fixture(scope="module")
+def single(model_dir, corpus, tmp_path_factory):
+    """The single-process bank, the reference."""
+    out = tmp_path_factory.mktemp("single")
+    return build(load_model(model_dir), corpus, RECIPE, out=out, progress=False)
+
+
+def assert_same_bank(bank, reference):
+    for name, vectors in reference.vectors.items():
+        assert (bank.vectors[name] - vectors).abs().max() <= 1e-6
+    assert torch.allclose(bank.mean_norm, reference.mean_norm, atol=1e-6, rtol=0)
+    assert bank.meta["counts"] == reference.meta["counts"]
+    assert bank.meta["heldout"] == reference.meta["heldout"]
+
+
+def test_workers_run_this_source_tree(cluster):
+    @ray.remote
+    def where() -> str:
+        import emolens as remote
+
+        return remote.__file__
+
+    assert ray.get(where.remote()) == emolens.__file__
+
+
+def test_ray_build_equals_the_single_process_bank(cluster, model_dir, corpus, single, tmp_path):
+    executor = RayBuild(model_dir, workers=2, progress=False)
+    bank = build(load_model(model_dir), corpus, RECIPE, out=tmp_path, checkpoint_every=3,
+                 progress=False, executor=executor)  # fmt: skip
+    assert_same_bank(bank, single)
+    assert set(executor.computed_by) == set(executor.pids) and len(executor.pids) == 2
+    assert not (tmp_path / ".checkpoint.safetensors").exists()
+
+
+def test_a_restarted_driver_does_not_recompute_finished_shards(
+    cluster, model_dir, corpus, single, tmp_path
+):
+    lm = load_model(model_dir)
+
+    class Crash(Exception):
+        pass
+
+    first = RayBuild(model_dir, workers=2, progress=False)
+
+    def crash_after_four(job, shards):
+        for count, state in enumerate(first(job, shards), 1):
+            if count > 4:
+                raise Crash
+            yield state
+
+    with pytest.raises(Crash):
+        build(lm, corpus, RECIPE, out=tmp_path, checkpoint_every=3, progress=False,
+              executor=crash_after_four)  # fmt: skip
+    seen = []
+
+    def recording(job, shards):
+        seen.extend(shards)
+        return RayBuild(model_dir, workers=2, progress=False)(job, shards)
+
+    bank = build(lm, corpus, RECIPE, out=tmp_path, checkpoint_every=3, progress=False,
+                 executor=recording)  # fmt: skip
+    assert bank.meta["build"]["resumed"]
+    done_before = 4 * 3  # four shards of three batches were merged and checkpointed
+    assert sum(len(numbers) for _, numbers in seen) == total_batches(single) - done_before
+    assert_same_bank(bank, single)
+
+
+def total_batches(bank) -> int:
+    counts, size = bank.meta["counts"], RECIPE.batch_size
+    return sum(-(-counts[phase] // size) for phase in ("train", "neutral", "heldout"))
+
+
+def test_a_worker_killed_mid_shard_is_replaced(cluster, model_dir, corpus, single, tmp_path):
+    executor = RayBuild(model_dir, workers=2, progress=False)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["bank"] = build(load_model(model_dir), corpus, RECIPE, out=tmp_path,
+                                   checkpoint_every=1, progress=False, executor=executor)  # fmt: skip
+        except Exception as error:  # reported below
+            result["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    checkpoint = tmp_path / ".checkpoint.safetensors"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    victim = executor.pids[0]
+    os.kill(victim, signal.SIGKILL)  # both workers have shards queued: this one dies mid-shard
+    thread.join(240)
+    assert "error" not in result, result.get("error")
+    assert_same_bank(result["bank"], single)
+    replacements = set(executor.computed_by) - set(executor.pids)
+    assert replacements and victim not in replacements  # a new process finished the work
+
+
+def test_too_many_workers_is_a_clear_error(cluster, model_dir, corpus, tmp_path):
+    executor = RayBuild(model_dir, workers=3, progress=False)
+    with pytest.raises(EmolensError, match="3 workers do not fit"):
+        build(load_model(model_dir), corpus, RECIPE, out=tmp_path, progress=False,
+              executor=executor)  # fmt: skip
+    assert not Path(tmp_path / "bank.safetensors").exists()
