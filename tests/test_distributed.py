@@ -16,7 +16,7 @@ import torch
 import emolens
 from emolens import concepts
 from emolens.build import Recipe, build
-from emolens.distributed import RayBuild
+from emolens.distributed import RayWorkers
 from emolens.errors import EmolensError
 from emolens.models import load_model
 from tests.conftest import tiny_llama
@@ -41,6 +41,13 @@ def model_dir(tmp_path_factory):
     lm.model.save_pretrained(folder)
     lm.tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def workers(cluster, model_dir):
+    """Two workers of the tiny model, shared by the tests (started once: ~10 s here)."""
+    with RayWorkers(model_dir, workers=2, progress=False) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
@@ -73,27 +80,24 @@ def test_workers_run_this_source_tree(cluster):
     assert ray.get(where.remote()) == emolens.__file__
 
 
-def test_ray_build_equals_the_single_process_bank(cluster, model_dir, corpus, single, tmp_path):
-    executor = RayBuild(model_dir, workers=2, progress=False)
+def test_ray_build_equals_the_single_process_bank(workers, model_dir, corpus, single, tmp_path):
     bank = build(load_model(model_dir), corpus, RECIPE, out=tmp_path, checkpoint_every=3,
-                 progress=False, executor=executor)  # fmt: skip
+                 progress=False, executor=workers.build)  # fmt: skip
     assert_same_bank(bank, single)
-    assert set(executor.computed_by) == set(executor.pids) and len(executor.pids) == 2
+    assert set(workers.computed_by) == set(workers.pids) and len(workers.pids) == 2
     assert not (tmp_path / ".checkpoint.safetensors").exists()
 
 
 def test_a_restarted_driver_does_not_recompute_finished_shards(
-    cluster, model_dir, corpus, single, tmp_path
+    workers, model_dir, corpus, single, tmp_path
 ):
     lm = load_model(model_dir)
 
     class Crash(Exception):
         pass
 
-    first = RayBuild(model_dir, workers=2, progress=False)
-
     def crash_after_four(job, shards):
-        for count, state in enumerate(first(job, shards), 1):
+        for count, state in enumerate(workers.build(job, shards), 1):
             if count > 4:
                 raise Crash
             yield state
@@ -105,7 +109,7 @@ def test_a_restarted_driver_does_not_recompute_finished_shards(
 
     def recording(job, shards):
         seen.extend(shards)
-        return RayBuild(model_dir, workers=2, progress=False)(job, shards)
+        return workers.build(job, shards)
 
     bank = build(lm, corpus, RECIPE, out=tmp_path, checkpoint_every=3, progress=False,
                  executor=recording)  # fmt: skip
@@ -120,14 +124,13 @@ def total_batches(bank) -> int:
     return sum(-(-counts[phase] // size) for phase in ("train", "neutral", "heldout"))
 
 
-def test_a_worker_killed_mid_shard_is_replaced(cluster, model_dir, corpus, single, tmp_path):
-    executor = RayBuild(model_dir, workers=2, progress=False)
+def test_a_worker_killed_mid_shard_is_replaced(workers, model_dir, corpus, single, tmp_path):
     result: dict = {}
 
     def run() -> None:
         try:
             result["bank"] = build(load_model(model_dir), corpus, RECIPE, out=tmp_path,
-                                   checkpoint_every=1, progress=False, executor=executor)  # fmt: skip
+                                   checkpoint_every=1, progress=False, executor=workers.build)  # fmt: skip
         except Exception as error:  # reported below
             result["error"] = error
 
@@ -137,18 +140,17 @@ def test_a_worker_killed_mid_shard_is_replaced(cluster, model_dir, corpus, singl
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.005)
-    victim = executor.pids[0]
+    victim = workers.pids[0]
     os.kill(victim, signal.SIGKILL)  # both workers have shards queued: this one dies mid-shard
     thread.join(240)
     assert "error" not in result, result.get("error")
     assert_same_bank(result["bank"], single)
-    replacements = set(executor.computed_by) - set(executor.pids)
+    replacements = set(workers.computed_by) - set(workers.pids)
     assert replacements and victim not in replacements  # a new process finished the work
 
 
 def test_too_many_workers_is_a_clear_error(cluster, model_dir, corpus, tmp_path):
-    executor = RayBuild(model_dir, workers=3, progress=False)
     with pytest.raises(EmolensError, match="3 workers do not fit"):
         build(load_model(model_dir), corpus, RECIPE, out=tmp_path, progress=False,
-              executor=executor)  # fmt: skip
+              executor=RayWorkers(model_dir, workers=3, progress=False).build)  # fmt: skip
     assert not Path(tmp_path / "bank.safetensors").exists()

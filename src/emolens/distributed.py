@@ -1,20 +1,21 @@
-"""Ray executors: a build's shards and an experiment's trial chunks on a cluster of workers.
+"""Ray workers for builds and experiment sweeps: the work on a cluster, the results in order.
 
-Each worker is a Ray actor that loads the model once (one GPU per worker where the cluster
-has GPUs, else `threads` CPU cores) and then computes work items sent by the driver: the
-float64 statistics of a build shard (`RayBuild`, for `emolens.build.build(executor=...)`) or
-the records of a chunk of trials that share a condition (`RayTrials`, for
-`run_experiment(executor=...)`). The driver gets the results back in plan order, so it merges
-statistics, writes checkpoints and appends result lines exactly as a single process does.
+`RayWorkers` starts one Ray actor per GPU of the cluster (else per `threads` CPU cores); each
+loads the model once and then computes work items sent by the driver: the float64 statistics
+of a build shard (`workers.build`, an `emolens.build.Executor`) or the records of a chunk of
+trials that share a condition (`workers.trials`, for `run_experiment(executor=...)`). The
+driver gets the results back in plan order, so it merges statistics, writes checkpoints and
+appends result lines exactly as a single process does.
 
-A worker killed mid-item (SIGKILL, a lost node) is restarted by Ray, which reloads the model
-and runs its unfinished items again (`max_restarts` times per worker).
+A worker killed mid-item (SIGKILL, a lost node) is restarted by Ray, which reloads the model,
+and its unfinished items run again (`max_restarts` times per worker).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Union
@@ -56,15 +57,32 @@ def connect(address: str | None = "auto") -> Any:
 
 
 class _Worker:
-    """A Ray actor's state: the model, loaded once; `weights` must match the driver's."""
+    """A Ray actor: the model, loaded once, and the context of the current run (a build's
+    tokenized corpus, or an experiment and its bank), fetched once per run from the object
+    store: work items carry a reference to it, so a restarted worker fetches it again."""
 
-    def __init__(
-        self, model: ModelSpec, device: str, dtype: str | None, threads: int, weights: str
-    ) -> None:
+    def __init__(self, model: ModelSpec, device: str, dtype: str | None, threads: int) -> None:
         from emolens.models import load_model
 
         torch.set_num_threads(threads)
         self.lm = load_model(model, device=device, dtype=dtype)
+        self.key: str | None = None
+        self.context: Any = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _fetch(self, boxed: list, prepare: Callable[[Any], Any]) -> Any:
+        """`prepare(value)` of the run context in `boxed` (a list, so Ray does not resolve the
+        reference for every item), computed once per run."""
+        import ray
+
+        key = boxed[0].hex()
+        if key != self.key:
+            self.context, self.key = prepare(ray.get(boxed[0])), key
+        return self.context
+
+    def _check(self, weights: str) -> None:
         found = str(self.lm.fingerprint.get("weights"))
         if found != weights:
             raise EmolensError(
@@ -72,66 +90,56 @@ class _Worker:
                 "every node must load the same model (same files and dtype)"
             )
 
-    def pid(self) -> int:
-        return os.getpid()
-
-
-class _BuildWorker(_Worker):
-    """Computes the statistics of build shards; the corpus is tokenized once per worker."""
-
-    def __init__(
-        self, model: ModelSpec, device: str, dtype: str | None, threads: int, job: Job
-    ) -> None:
+    def _tokenized(self, job: Job) -> Job:
         from emolens.capture import tokenize
 
-        super().__init__(model, device, dtype, threads, job.weights)
+        self._check(job.weights)
         texts = {phase: tokenize(self.lm, t) if t else [] for phase, t in job.texts.items()}
-        self.job = replace(job, texts=texts)
+        return replace(job, texts=texts)
 
-    def run(self, shard: Shard) -> tuple[_State, int]:
+    def shard(self, boxed_job: list, shard: Shard) -> tuple[_State, int]:
+        """The float64 statistics of one build shard (the corpus is tokenized once per run)."""
         from emolens.build import shard_statistics
 
+        job = self._fetch(boxed_job, self._tokenized)
         phase, numbers = shard
-        return shard_statistics(self.lm, self.job, phase, numbers), os.getpid()
+        return shard_statistics(self.lm, job, phase, numbers), os.getpid()
 
+    def _trial_context(self, context: tuple) -> tuple:
+        weights, bank, experiment = context
+        self._check(weights)
+        bank.check_model(self.lm)
+        return bank, experiment
 
-class _TrialWorker(_Worker):
-    """Runs chunks of trials of one experiment with the driver's bank."""
-
-    def __init__(
-        self,
-        model: ModelSpec,
-        device: str,
-        dtype: str | None,
-        threads: int,
-        weights: str,
-        bank: EmotionBank,
-        experiment: Experiment,
-    ) -> None:
-        super().__init__(model, device, dtype, threads, weights)
-        self.bank, self.experiment = bank, experiment
-
-    def run(self, trials: list[Trial]) -> tuple[tuple[list[dict], float], int]:
-        import time
-
+    def trials(self, boxed: list, trials: list[Trial]) -> tuple[tuple[list[dict], float], int]:
+        """The records of a chunk of trials (one condition), and the seconds per trial."""
+        bank, experiment = self._fetch(boxed, self._trial_context)
         began = time.perf_counter()
-        records = self.experiment.run(self.lm, self.bank, trials)
+        records = experiment.run(self.lm, bank, trials)
         return (records, (time.perf_counter() - began) / len(trials)), os.getpid()
 
 
-class _Pool:
-    """Worker placement and the ordered dispatch shared by both executors."""
+class RayWorkers:
+    """Ray workers that each load the model once and serve builds and experiments.
+
+    `model` is what each worker loads (a spec for `load_model`, None for the embedded model);
+    it must have the driver's weights. `workers` defaults to one per GPU of the cluster, else
+    one per `threads` CPU cores; `dtype` is the workers' (None: `load_model`'s default for
+    their device). Workers start on first use (or `start()`) and stay until `close()`; use
+    `build` as `emolens.build.build(executor=...)` and `trials` as
+    `run_experiment(executor=...)`.
+    """
 
     def __init__(
         self,
-        model: ModelSpec,
+        model: ModelSpec = None,
         *,
-        address: str | None,
-        workers: int | None,
-        threads: int,
-        dtype: str | None,
-        max_restarts: int,
-        progress: bool,
+        address: str | None = "auto",
+        workers: int | None = None,
+        threads: int = 1,
+        dtype: str | None = None,
+        max_restarts: int = 3,
+        progress: bool = True,
     ) -> None:
         if workers is not None and workers < 1:
             raise EmolensError(f"--workers must be at least 1, not {workers}")
@@ -139,10 +147,15 @@ class _Pool:
             raise EmolensError(f"threads per worker must be at least 1, not {threads}")
         self.model, self.address, self.workers, self.threads = model, address, workers, threads
         self.dtype, self.max_restarts, self.progress = dtype, max_restarts, progress
-        self.pids: list[int] = []  # each worker's first process id
-        self.computed_by: list[int] = []  # the process id that returned each item, in order
+        self.actors: list[Any] = []
+        self.pids: list[int] = []  # each worker's process id when it started
+        self.computed_by: list[int] = []  # the process id behind each item of the last run
 
-    def _start(self, ray: Any, actor_class: type, *args: Any) -> list[Any]:
+    def start(self) -> RayWorkers:
+        """Connect to the cluster and start the workers (each loads the model)."""
+        if self.actors:
+            return self
+        ray = connect(self.address)
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
         if gpus:
@@ -157,30 +170,67 @@ class _Pool:
                 f"give --workers {max(room, 1)} or fewer"
             )
         remote = ray.remote(max_restarts=self.max_restarts, max_task_retries=self.max_restarts,
-                            **options)(actor_class)  # fmt: skip
-        actors = [remote.remote(self.model, device, self.dtype, self.threads, *args)
-                  for _ in range(count)]  # fmt: skip
+                            **options)(_Worker)  # fmt: skip
+        self.actors = [remote.remote(self.model, device, self.dtype, self.threads)
+                       for _ in range(count)]  # fmt: skip
         try:
-            self.pids = ray.get([actor.pid.remote() for actor in actors])
+            self.pids = ray.get([actor.pid.remote() for actor in self.actors])
         except ray.exceptions.RayActorError as error:
+            self.close()
             raise EmolensError(f"a Ray worker could not start: {error}") from None
         log.info("%d Ray worker(s) on %s, model loaded", count, device)
-        return actors
+        return self
 
-    def _ordered(self, ray: Any, actors: list[Any], items: Sequence, size: Callable) -> Iterator:
-        """Results of `actor.run(item)` for every item, in the items' order, `IN_FLIGHT` items
-        queued on each worker; `size(item)` is the item's weight on the progress bar."""
+    def close(self) -> None:
+        """Stop the workers."""
+        if self.actors:
+            import ray
+
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
+        self.actors, self.pids = [], []
+
+    def __enter__(self) -> RayWorkers:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def build(self, job: Job, shards: list[Shard]) -> Iterator[_State]:
+        """The statistics of each build shard, in order (an `emolens.build.Executor`)."""
+        return self._ordered("shard", job, shards, lambda shard: len(shard[1]))
+
+    def trials(
+        self,
+        experiment: Experiment,
+        lm: LoadedModel,
+        bank: EmotionBank,
+        chunks: list[list[Trial]],
+    ) -> Iterator[tuple[list[dict], float]]:
+        """Each chunk's records and seconds per trial, in order (a runner `TrialExecutor`)."""
+        context = (str(lm.fingerprint.get("weights")), bank, experiment)
+        return self._ordered("trials", context, chunks, len)
+
+    def _ordered(self, method: str, context: Any, items: Sequence, size: Callable) -> Iterator:
+        """Results of `worker.METHOD(context, item)` for every item, in the items' order,
+        `IN_FLIGHT` items queued on each worker; `size(item)` weighs the progress bar."""
+        if not items:
+            return
+        self.start()
+        import ray
+
+        boxed = [ray.put(context)]
         queue = list(enumerate(items))[::-1]
         running: dict[Any, tuple[int, Any]] = {}
-        finished: dict[int, Any] = {}
-        following = 0
+        finished: dict[int, tuple[Any, int]] = {}
+        self.computed_by = []
 
         def submit(actor: Any) -> None:
             if queue:
                 index, item = queue.pop()
-                running[actor.run.remote(item)] = (index, actor)
+                running[getattr(actor, method).remote(boxed, item)] = (index, actor)
 
-        for actor in actors * IN_FLIGHT:
+        for actor in self.actors * IN_FLIGHT:
             submit(actor)
         bar = tqdm(total=sum(map(size, items)), desc="ray", disable=not self.progress)
         with bar:
@@ -188,85 +238,17 @@ class _Pool:
                 [ready], _ = ray.wait(list(running), num_returns=1)
                 index, actor = running.pop(ready)
                 try:
-                    result, pid = ray.get(ready)
+                    finished[index] = ray.get(ready)
                 except ray.exceptions.RayActorError as error:
                     raise EmolensError(
                         f"a Ray worker died more than {self.max_restarts} times: {error}"
                     ) from None
-                finished[index] = (result, pid)
+                except ray.exceptions.RayTaskError as error:
+                    cause = error.as_instanceof_cause()
+                    raise (cause if isinstance(cause, EmolensError) else error) from None
                 bar.update(size(items[index]))
                 submit(actor)
-                while following in finished:
-                    result, pid = finished.pop(following)
+                while len(self.computed_by) in finished:
+                    result, pid = finished.pop(len(self.computed_by))
                     self.computed_by.append(pid)
-                    following += 1
                     yield result
-
-    def _run(self, actor_class: type, args: tuple, items: Sequence, size: Callable) -> Iterator:
-        if not items:
-            return
-        ray = connect(self.address)
-        actors = self._start(ray, actor_class, *(ray.put(a) for a in args))
-        try:
-            yield from self._ordered(ray, actors, items, size)
-        finally:
-            for actor in actors:
-                ray.kill(actor, no_restart=True)
-
-
-class RayBuild(_Pool):
-    """A build executor: shards of the batch plan on Ray workers, statistics back in order.
-
-    `model` is what each worker loads (a spec for `load_model`, None for the embedded model);
-    it must have the driver's weights. `workers` defaults
-    to one per GPU of the cluster, else one per `threads` CPU cores. `dtype` is the workers'
-    (None: `load_model`'s default for their device).
-    """
-
-    def __init__(
-        self,
-        model: ModelSpec = None,
-        *,
-        address: str | None = "auto",
-        workers: int | None = None,
-        threads: int = 1,
-        dtype: str | None = None,
-        max_restarts: int = 3,
-        progress: bool = True,
-    ) -> None:
-        super().__init__(model, address=address, workers=workers, threads=threads, dtype=dtype,
-                         max_restarts=max_restarts, progress=progress)  # fmt: skip
-
-    def __call__(self, job: Job, shards: list[Shard]) -> Iterator[_State]:
-        return self._run(_BuildWorker, (job,), shards, lambda shard: len(shard[1]))
-
-
-class RayTrials(_Pool):
-    """An experiment executor: chunks of trials (one condition each) on Ray workers that load
-    the model and receive the driver's bank and experiment once; records back in order.
-
-    Options as `RayBuild`'s."""
-
-    def __init__(
-        self,
-        model: ModelSpec = None,
-        *,
-        address: str | None = "auto",
-        workers: int | None = None,
-        threads: int = 1,
-        dtype: str | None = None,
-        max_restarts: int = 3,
-        progress: bool = False,
-    ) -> None:
-        super().__init__(model, address=address, workers=workers, threads=threads, dtype=dtype,
-                         max_restarts=max_restarts, progress=progress)  # fmt: skip
-
-    def __call__(
-        self,
-        experiment: Experiment,
-        lm: LoadedModel,
-        bank: EmotionBank,
-        chunks: list[list[Trial]],
-    ) -> Iterator[tuple[list[dict], float]]:
-        weights = str(lm.fingerprint.get("weights"))
-        return self._run(_TrialWorker, (weights, bank, experiment), chunks, len)
