@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,9 @@ import torch
 
 import emolens
 from emolens import concepts
+from emolens.bank import EmotionBank
 from emolens.build import Recipe, build
+from emolens.cli import main
 from emolens.distributed import RayWorkers
 from emolens.errors import EmolensError
 from emolens.models import load_model
@@ -78,6 +81,23 @@ def test_workers_run_this_source_tree(cluster):
         return remote.__file__
 
     assert ray.get(where.remote()) == emolens.__file__
+
+
+def test_build_command_with_ray(cluster, model_dir, corpus, single, tmp_path, capsys):
+    corpus_file = tmp_path / "corpus.jsonl"
+    corpus_file.write_text("".join(r.to_json() + "\n" for r in corpus.records))
+    command = ["build", "--model", str(model_dir), "--corpus", str(corpus_file), "--layers", "1",
+               "3", "--out", str(tmp_path / "out"), "--ray"]  # fmt: skip
+    assert main(command) == 0  # two workers: one per CPU of the local cluster
+    assert_same_bank(EmotionBank.load(tmp_path / "out" / "bank.safetensors"), single)
+    assert main([*command[:-1], "--workers", "2"]) == 2
+    assert "--workers needs --ray" in capsys.readouterr().err
+
+
+def test_ray_missing_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert main(["build", "--out", str(tmp_path), "--ray"]) == 2
+    assert "pip install 'emolens[ray]'" in capsys.readouterr().err
 
 
 def test_ray_build_equals_the_single_process_bank(workers, model_dir, corpus, single, tmp_path):
@@ -150,7 +170,7 @@ def test_a_worker_killed_mid_shard_is_replaced(workers, model_dir, corpus, singl
 
 
 def test_too_many_workers_is_a_clear_error(cluster, model_dir, corpus, tmp_path):
-    with pytest.raises(EmolensError, match="3 workers do not fit"):
+    with pytest.raises(EmolensError, match="3 worker.s. do not fit"):
         build(load_model(model_dir), corpus, RECIPE, out=tmp_path, progress=False,
               executor=RayWorkers(model_dir, workers=3, progress=False).build)  # fmt: skip
     assert not Path(tmp_path / "bank.safetensors").exists()

@@ -36,14 +36,20 @@ ModelSpec = Union[str, os.PathLike, None]  # what `load_model` takes (None: the 
 IN_FLIGHT = 2  # items queued per worker, so none waits for the driver between two items
 
 
-def connect(address: str | None = "auto") -> Any:
-    """The `ray` module, connected: to the running cluster (if Ray is not already initialised
-    in this process) at `address`; "auto" finds one started on this machine by `ray start`
-    and starts a local one if there is none."""
+def require_ray() -> Any:
+    """The `ray` module, or a clear error saying how to install it."""
     try:
         import ray
     except ImportError:
         raise EmolensError("--ray needs Ray: pip install 'emolens[ray]'") from None
+    return ray
+
+
+def connect(address: str | None = "auto") -> Any:
+    """The `ray` module, connected (unless Ray is already initialised in this process) to the
+    cluster at `address`; "auto" finds one started on this machine by `ray start --head`, and
+    starts a local one if there is none."""
+    ray = require_ray()
     if ray.is_initialized():
         return ray
     try:
@@ -156,18 +162,19 @@ class RayWorkers:
         if self.actors:
             return self
         ray = connect(self.address)
-        resources = ray.cluster_resources()
-        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
-        if gpus:
-            options, device, room = {"num_gpus": 1, "num_cpus": 1}, "cuda", gpus
+        free = ray.available_resources()  # workers that do not fit would wait for ever
+        gpus, cpus = int(free.get("GPU", 0)), int(free.get("CPU", 0))
+        if ray.cluster_resources().get("GPU", 0):
+            options, device, room = {"num_gpus": 1, "num_cpus": 1}, "cuda", min(gpus, cpus)
+            unit = f"{gpus} free GPU(s)"
         else:
             options, device, room = {"num_cpus": self.threads}, "cpu", cpus // self.threads
-        count = self.workers or max(room, 1)
-        if count > room:
-            unit = "GPU(s)" if gpus else f"CPU(s) at {self.threads} thread(s) per worker"
+            unit = f"{cpus} free CPU(s), {self.threads} per worker"
+        count = self.workers or room
+        if not 1 <= count <= room:
             raise EmolensError(
-                f"{count} workers do not fit the Ray cluster ({gpus or cpus} {unit}); "
-                f"give --workers {max(room, 1)} or fewer"
+                f"{count} worker(s) do not fit the Ray cluster ({unit})"
+                + (f"; give --workers {room} or fewer" if room else "")
             )
         remote = ray.remote(max_restarts=self.max_restarts, max_task_retries=self.max_restarts,
                             **options)(_Worker)  # fmt: skip

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from emolens.cli._common import add_model_option, finite, load_model_from
+from emolens.cli._common import (
+    add_model_option,
+    add_ray_options,
+    finite,
+    load_model_from,
+    ray_workers_from,
+)
 
 if TYPE_CHECKING:
     from emolens.bank import EmotionBank
@@ -30,6 +36,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--force", action="store_true", help="rebuild, replacing the bank in --out (if any)"
     )
+    add_ray_options(parser)
     parser.set_defaults(run=run)
 
 
@@ -43,9 +50,14 @@ def run(args: argparse.Namespace) -> None:
     if args.checkpoint_every < 1:
         raise EmolensError(f"--checkpoint-every must be at least 1, not {args.checkpoint_every}")
     corpus = args.corpus if args.corpus == "default" else load(args.corpus)
+    if args.ray is not None:
+        from emolens.distributed import require_ray
+
+        require_ray()  # before the model loads
     lm = load_model_from(args)
-    bank = build(lm, corpus, recipe, out=args.out, checkpoint_every=args.checkpoint_every,
-                 force=args.force)  # fmt: skip
+    with ray_workers_from(args, lm) as workers:
+        bank = build(lm, corpus, recipe, out=args.out, checkpoint_every=args.checkpoint_every,
+                     force=args.force, executor=workers.build if workers else None)  # fmt: skip
     print(describe(bank))
     if corpus != "default" or args.out is not None:
         print(f"read or report it with --bank {bank.meta['build']['path']}")
