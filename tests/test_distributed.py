@@ -4,6 +4,7 @@ with SIGKILL; an experiment run over workers gives the single-process summary.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -16,14 +17,15 @@ import torch
 
 import emolens
 from emolens import concepts
-from emolens.bank import EmotionBank
+from emolens.bank import EmotionBank, random_bank
 from emolens.build import Recipe, build
 from emolens.cli import main
 from emolens.distributed import RayWorkers
 from emolens.errors import EmolensError
 from emolens.models import load_model
-from tests.conftest import tiny_llama
+from tests.conftest import save_for_cli, tiny_llama
 from tests.test_build import subset
+from tests.test_experiments import EMOTIONS, _command
 
 ray = pytest.importorskip("ray")
 RECIPE = Recipe(layers=(1, 3))
@@ -92,6 +94,40 @@ def test_build_command_with_ray(cluster, model_dir, corpus, single, tmp_path, ca
     assert_same_bank(EmotionBank.load(tmp_path / "out" / "bank.safetensors"), single)
     assert main([*command[:-1], "--workers", "2"]) == 2
     assert "--workers needs --ray" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The tiny model and a random bank saved for the CLI (as tests/test_experiments.py)."""
+
+    def make_bank(lm):
+        bank = random_bank(EMOTIONS, list(range(lm.depth)), lm.width, norm=3.0, seed=5)
+        bank.default_layer = 2
+        return bank
+
+    return save_for_cli(tmp_path_factory.mktemp("prefs"), tiny_llama(context=1024), make_bank)
+
+
+def test_experiment_with_ray_resumes_to_the_single_process_results(cluster, study, tmp_path):
+    _, _, options = study
+    single, spread = tmp_path / "single", tmp_path / "ray"
+    assert main(_command(options, single)) == 0
+    lines = (single / "results.jsonl").read_text().splitlines(keepends=True)
+    spread.mkdir()  # half of the trials done already: the Ray run finishes the others
+    (spread / "results.jsonl").write_text("".join(lines[: len(lines) // 2]))
+    assert main(_command(options, spread, "--ray", "--workers", "2")) == 0
+
+    def rows(folder):
+        lines = (folder / "results.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+    assert rows(spread) == rows(single)
+
+    def summary(folder):  # all but the total time taken
+        return {k: v for k, v in json.loads((folder / "summary.json").read_text()).items()
+                if k != "seconds"}  # fmt: skip
+
+    assert summary(spread) == summary(single)
 
 
 def test_ray_missing_is_a_clear_error(monkeypatch, tmp_path, capsys):

@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -32,8 +32,9 @@ if TYPE_CHECKING:
     from emolens.models import LoadedModel
 
 log = logging.getLogger("emolens")
-ModelSpec = Union[str, os.PathLike, None]  # what `load_model` takes (None: the embedded model)
+ModelSpec = str | os.PathLike | None  # what `load_model` takes (None: the embedded model)
 IN_FLIGHT = 2  # items queued per worker, so none waits for the driver between two items
+FREE_WAIT = 20.0  # seconds to wait for enough free resources before refusing to start
 
 
 def require_ray() -> Any:
@@ -56,7 +57,9 @@ def connect(address: str | None = "auto") -> Any:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     except ConnectionError:
         if address != "auto":
-            raise EmolensError(f"no Ray cluster at {address!r} (start one with `ray start --head`)")
+            raise EmolensError(
+                f"no Ray cluster at {address!r} (start one with `ray start --head`)"
+            ) from None
         log.info("no running Ray cluster found: starting a local one")
         ray.init(include_dashboard=False, log_to_driver=False)
     return ray
@@ -131,7 +134,8 @@ class RayWorkers:
     `model` is what each worker loads (a spec for `load_model`, None for the embedded model);
     it must have the driver's weights. `workers` defaults to one per GPU of the cluster, else
     one per `threads` CPU cores; `dtype` is the workers' (None: `load_model`'s default for
-    their device). Workers start on first use (or `start()`) and stay until `close()`; use
+    their device); `progress` shows a bar of build batches. Workers start on first use (or
+    `start()`) and stay until `close()`; use
     `build` as `emolens.build.build(executor=...)` and `trials` as
     `run_experiment(executor=...)`.
     """
@@ -162,20 +166,29 @@ class RayWorkers:
         if self.actors:
             return self
         ray = connect(self.address)
-        free = ray.available_resources()  # workers that do not fit would wait for ever
-        gpus, cpus = int(free.get("GPU", 0)), int(free.get("CPU", 0))
-        if ray.cluster_resources().get("GPU", 0):
-            options, device, room = {"num_gpus": 1, "num_cpus": 1}, "cuda", min(gpus, cpus)
-            unit = f"{gpus} free GPU(s)"
-        else:
-            options, device, room = {"num_cpus": self.threads}, "cpu", cpus // self.threads
-            unit = f"{cpus} free CPU(s), {self.threads} per worker"
-        count = self.workers or room
-        if not 1 <= count <= room:
-            raise EmolensError(
-                f"{count} worker(s) do not fit the Ray cluster ({unit})"
-                + (f"; give --workers {room} or fewer" if room else "")
-            )
+        total = ray.cluster_resources()
+        gpu = bool(total.get("GPU", 0))
+        options = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": self.threads}
+        device = "cuda" if gpu else "cpu"
+
+        def room(resources: dict) -> int:
+            cpus = int(resources.get("CPU", 0))
+            return min(int(resources.get("GPU", 0)), cpus) if gpu else cpus // self.threads
+
+        count = self.workers or room(total)
+        if not 1 <= count <= room(total):
+            each = "one GPU" if gpu else f"{self.threads} CPU(s)"
+            raise EmolensError(f"{count} worker(s) do not fit the Ray cluster: it has room for "
+                               f"{room(total)} ({each} each)")  # fmt: skip
+        # workers that do not fit would wait for ever; the resources of workers just stopped
+        # (here or by another driver) take a moment to come free
+        deadline = time.monotonic() + FREE_WAIT
+        while count > room(ray.available_resources()):
+            if time.monotonic() > deadline:
+                raise EmolensError(
+                    f"the Ray cluster is busy: {count} worker(s) do not fit its free resources"
+                )
+            time.sleep(0.5)
         remote = ray.remote(max_restarts=self.max_restarts, max_task_retries=self.max_restarts,
                             **options)(_Worker)  # fmt: skip
         self.actors = [remote.remote(self.model, device, self.dtype, self.threads)
@@ -205,7 +218,7 @@ class RayWorkers:
 
     def build(self, job: Job, shards: list[Shard]) -> Iterator[_State]:
         """The statistics of each build shard, in order (an `emolens.build.Executor`)."""
-        return self._ordered("shard", job, shards, lambda shard: len(shard[1]))
+        return self._ordered("shard", job, shards, lambda shard: len(shard[1]), self.progress)
 
     def trials(
         self,
@@ -216,9 +229,11 @@ class RayWorkers:
     ) -> Iterator[tuple[list[dict], float]]:
         """Each chunk's records and seconds per trial, in order (a runner `TrialExecutor`)."""
         context = (str(lm.fingerprint.get("weights")), bank, experiment)
-        return self._ordered("trials", context, chunks, len)
+        return self._ordered("trials", context, chunks, len, progress=False)  # the runner's bar
 
-    def _ordered(self, method: str, context: Any, items: Sequence, size: Callable) -> Iterator:
+    def _ordered(
+        self, method: str, context: Any, items: Sequence, size: Callable, progress: bool
+    ) -> Iterator:
         """Results of `worker.METHOD(context, item)` for every item, in the items' order,
         `IN_FLIGHT` items queued on each worker; `size(item)` weighs the progress bar."""
         if not items:
@@ -239,7 +254,7 @@ class RayWorkers:
 
         for actor in self.actors * IN_FLIGHT:
             submit(actor)
-        bar = tqdm(total=sum(map(size, items)), desc="ray", disable=not self.progress)
+        bar = tqdm(total=sum(map(size, items)), unit="batch", desc="ray", disable=not progress)
         with bar:
             while running:
                 [ready], _ = ray.wait(list(running), num_returns=1)

@@ -47,6 +47,14 @@ def add_ray_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_ray(args: argparse.Namespace) -> None:
+    """With --ray, fail now (not after loading the model) if Ray is not installed."""
+    if args.ray is not None:
+        from emolens.distributed import require_ray
+
+        require_ray()
+
+
 @contextmanager
 def ray_workers_from(args: argparse.Namespace, lm: LoadedModel) -> Iterator[RayWorkers | None]:
     """Ray workers loading the model of --model in the driver's dtype while the block runs,

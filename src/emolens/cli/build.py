@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from emolens.cli._common import (
     add_model_option,
     add_ray_options,
+    check_ray,
     finite,
     load_model_from,
     ray_workers_from,
@@ -50,10 +51,7 @@ def run(args: argparse.Namespace) -> None:
     if args.checkpoint_every < 1:
         raise EmolensError(f"--checkpoint-every must be at least 1, not {args.checkpoint_every}")
     corpus = args.corpus if args.corpus == "default" else load(args.corpus)
-    if args.ray is not None:
-        from emolens.distributed import require_ray
-
-        require_ray()  # before the model loads
+    check_ray(args)  # before the model loads
     lm = load_model_from(args)
     with ray_workers_from(args, lm) as workers:
         bank = build(lm, corpus, recipe, out=args.out, checkpoint_every=args.checkpoint_every,
