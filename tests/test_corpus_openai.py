@@ -155,3 +155,20 @@ def test_errors_are_clear_and_only_transient_ones_retried(tmp_path, capsys):
     assert "Connection error" in capsys.readouterr().err
     assert main(["corpus", "generate", "--backend", "openai", "--out", str(tmp_path / "c")]) == 2
     assert "--base-url URL and --model NAME" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generation_from_emolens_serve_on_the_embedded_model(embedded, tmp_path):
+    from emolens.bank import random_bank
+    from tests.test_serve import running_server
+
+    bank = random_bank(["calm", "afraid"], [embedded.default_layer()], embedded.width, norm=170.0)
+    bank.default_layer, bank.model = embedded.default_layer(), dict(embedded.fingerprint)
+    bank_file = bank.save(tmp_path / "bank.safetensors")
+    with running_server(["--bank", str(bank_file)], tmp_path / "server.log", timeout=600) as url:
+        backend = OpenAIBackend(embedded.name, base_url=url + "/v1", concurrency=2)
+        tally = generate(backend, tmp_path / "gen.jsonl", emotions="calm,afraid", topics="0",
+                         per_topic=1, max_new_tokens=24, temperature=0, progress=False)  # fmt: skip
+    # 24 tokens cannot finish a 60-word story: both replies arrive and are screened out
+    assert tally.pairs == 2 and tally.parsed == 2
+    assert len((tmp_path / "gen.jsonl.done").read_text().splitlines()) == 2
