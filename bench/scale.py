@@ -1,0 +1,68 @@
+"""A Ray build against a single-process build with the same total threads, same corpus slice.
+
+The embedded model builds the default recipe on the shipped stories of --emotions emotions
+and --neutral neutral dialogues twice, in A-B order: in this process with --workers torch
+threads, and on a local Ray cluster of --workers CPU workers with one thread each (started
+and loaded before the clock starts, as the single process's model is). Both builds checkpoint
+every --shard batches (the Ray build's shard size). Throughput is every token read over the
+wall time of the whole build (capture, merging, checkpoints, held-out check, saving).
+
+Last line: ray_vs_single=R ray_bank_max_diff=D, with R the Ray / single tokens per second
+(goal >= 0.85) and D the largest difference between the two banks' vectors (goal <= 1e-6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from emolens.build import build
+from emolens.concepts import emotions
+from emolens.corpus import Corpus, load
+from emolens.distributed import RayWorkers
+from emolens.models import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--emotions", type=int, default=12, help="how many of the 171 to build")
+    parser.add_argument("--neutral", type=int, default=60, help="neutral dialogues")
+    parser.add_argument("--workers", type=int, default=2, help="Ray workers (= single threads)")
+    parser.add_argument("--shard", type=int, default=8, help="batches per shard and checkpoint")
+    args = parser.parse_args()
+    lm = load_model()
+    chosen = set(emotions()[: args.emotions])
+    records = load().records
+    stories = [r for r in records if r.kind == "story" and r.emotion in chosen]
+    corpus = Corpus(stories + [r for r in records if r.kind == "neutral"][: args.neutral])
+    print(f"{len(stories)} stories of {args.emotions} emotions, {args.neutral} neutral dialogues")
+    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    started = time.perf_counter()
+    workers = RayWorkers(workers=args.workers, threads=1, dtype="float32", progress=False)
+    workers.start()
+    print(f"{args.workers} Ray workers started and loaded in {time.perf_counter() - started:.1f} s")
+    with tempfile.TemporaryDirectory() as scratch, workers:
+        torch.set_num_threads(args.workers)
+        single = build(lm, corpus, out=Path(scratch) / "single", checkpoint_every=args.shard,
+                       progress=False)  # fmt: skip
+        torch.set_num_threads(1)  # the driver only merges and saves
+        spread = build(lm, corpus, out=Path(scratch) / "ray", checkpoint_every=args.shard,
+                       progress=False, executor=workers.build)  # fmt: skip
+    rates = {}
+    for name, bank in (("single", single), ("ray", spread)):
+        rates[name] = bank.meta["build"]["tokens_per_second"]
+        print(f"{name}: {bank.meta['build']['tokens']} tokens in {bank.meta['build']['seconds']} s,"
+              f" {rates[name]:.0f} tokens/s")  # fmt: skip
+    diff = max(float((spread.vectors[k] - single.vectors[k]).abs().max()) for k in single.vectors)
+    diff = max(diff, float((spread.mean_norm - single.mean_norm).abs().max()))
+    ray.shutdown()
+    print(f"ray_vs_single={rates['ray'] / rates['single']:.3f} ray_bank_max_diff={diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
