@@ -7,7 +7,8 @@ loaded before any clock starts, as the single process's model is). Both checkpoi
 --shard batches (the Ray build's shard size). Throughput is every token read over the wall
 time of the whole build (capture, merging, checkpoints, held-out check, saving). The builds
 run in A-B-B-A order, --rounds times; the fastest of each kind counts (the least disturbed on
-a shared machine).
+a shared machine). A last single-process build at one thread is printed for reference
+(torch's threads can lose much more than a core's share when other jobs crowd the cores).
 
 Last line: ray_vs_single=R ray_bank_max_diff=D, with R the Ray / single tokens per second
 (goal >= 0.85) and D the largest difference between the two banks' vectors and norms (goal
@@ -62,6 +63,11 @@ def main() -> None:
                 print(f"{name}: {bank.meta['build']['tokens']} tokens in "
                       f"{bank.meta['build']['seconds']} s, {rate:.0f} tokens/s")  # fmt: skip
                 banks[name], rates[name] = bank, max(rates[name], rate)
+        torch.set_num_threads(1)  # a reference: one process with one worker's threads
+        alone = build(lm, corpus, out=Path(scratch) / "one-thread", progress=False,
+                      checkpoint_every=args.shard)  # fmt: skip
+        print(f"single at 1 thread (reference): {alone.meta['build']['tokens_per_second']:.0f} "
+              "tokens/s")  # fmt: skip
     single, spread = banks["single"], banks["ray"]
     diff = max(float((spread.vectors[k] - single.vectors[k]).abs().max()) for k in single.vectors)
     diff = max(diff, float((spread.mean_norm - single.mean_norm).abs().max()))
