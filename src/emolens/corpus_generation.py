@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, cast
 
 from tqdm.auto import tqdm
 
@@ -148,14 +148,16 @@ class OpenAIBackend:
     def _ask(
         self, messages: list[dict], max_new_tokens: int, temperature: float, seed: int | None
     ) -> str:
-        extra = {"seed": seed} if seed is not None else {}
         attempt = 0
         while True:
             try:
                 response = self.client.chat.completions.create(
-                    model=self.name, messages=messages, max_tokens=max_new_tokens,  # type: ignore[arg-type]
-                    temperature=temperature, **extra,
-                )  # fmt: skip
+                    model=self.name,
+                    messages=cast(Any, messages),  # plain {"role", "content"} dicts
+                    max_tokens=max_new_tokens,
+                    temperature=temperature,
+                    extra_body={"seed": seed} if seed is not None else None,
+                )
                 return response.choices[0].message.content or ""
             except self.transient as error:  # timeouts are connection errors too
                 if attempt == self.retries:
