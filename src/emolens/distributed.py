@@ -135,9 +135,8 @@ class RayWorkers:
     it must have the driver's weights. `workers` defaults to one per GPU of the cluster, else
     one per `threads` CPU cores; `dtype` is the workers' (None: `load_model`'s default for
     their device); `progress` shows a bar of build batches. Workers start on first use (or
-    `start()`) and stay until `close()`; use
-    `build` as `emolens.build.build(executor=...)` and `trials` as
-    `run_experiment(executor=...)`.
+    `start()`) and stay until `close()`. Pass `workers.build` to `emolens.build.build` and
+    `workers.trials` to `run_experiment` as their `executor`.
     """
 
     def __init__(
