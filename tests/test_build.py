@@ -132,3 +132,31 @@ def test_killed_build_resumes_to_the_same_bank(tmp_path):
     for variant in ("raw", "denoised"):
         assert (a.vectors[variant] - b.vectors[variant]).abs().max() <= 1e-6
     assert torch.allclose(a.mean_norm, b.mean_norm, atol=1e-6)
+
+
+def test_genres_and_probes_options(tmp_path):
+    """--genres pools the other genres' train split beside the stories (and never their
+    validation split); --probes adds a logistic-probe variant that classifies its own training
+    texts well above chance; both change the build key."""
+    lm = tiny_llama(context=1024)
+    emotions = ["afraid", "angry", "calm", "happy"]
+    corpus = subset(emotions)
+    genres = [r for r in load().genres() if r.emotion in emotions]
+    assert {r.split for r in genres} == {"train", "validation"}
+    mixed = Corpus(corpus.records + genres)
+    recipe = Recipe(layers=(3,), genres=True, probes=True)
+    bank = build(lm, mixed, recipe, out=tmp_path, progress=False)
+    assert set(bank.vectors) == {"raw", "denoised", "probe"}
+    assert bank.meta["counts"]["genres"] == sum(r.split == "train" for r in genres) > 0
+    train = load_file(str(tmp_path / "train.safetensors"))
+    stories = len(corpus.stories("train"))
+    assert int(train["story"].sum()) == stories
+    assert len(train["labels"]) == stories + bank.meta["counts"]["genres"]
+    scores = (train["pooled"][:, 0] - bank.center[0]) @ bank.matrix(3, "probe").T
+    assert float((scores.argmax(1) == train["labels"]).float().mean()) > 0.5  # chance 0.25
+    assert "probe" in json.loads((tmp_path / "build.json").read_text())["heldout"]["layers"]["3"]
+    plain = build(lm, corpus, Recipe(layers=(3,)), out=tmp_path / "plain", progress=False)
+    assert "probe" not in plain.vectors
+    assert plain.meta["build_key"] != bank.meta["build_key"]
+    with pytest.raises(EmolensError, match="no training texts of other genres"):
+        build(lm, corpus, recipe, out=tmp_path / "none", progress=False)

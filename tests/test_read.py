@@ -488,3 +488,22 @@ def test_cli_scores_a_file_and_resumes(cli_files, tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists()
     assert main(["read", "--file", str(texts), *options]) == 2
     assert "go together" in capsys.readouterr().err
+
+
+def test_cli_baseline_subtracts_the_mean_of_reference_texts(cli_files, tmp_path, capsys):
+    options, _ = cli_files
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('"first text"\n"second text"\n')
+    argv = ["read", "--file", str(texts), *options, "--emotions", "calm,sad"]
+    assert main([*argv, "--out", str(tmp_path / "plain.jsonl")]) == 0
+    # the texts as their own reference: the calibrated scores sum to zero per emotion
+    assert main([*argv, "--out", str(tmp_path / "own.jsonl"), "--baseline", str(texts)]) == 0
+    plain, own = ([json.loads(line)["scores"] for line in (tmp_path / name).read_text().splitlines()]
+                  for name in ("plain.jsonl", "own.jsonl"))  # fmt: skip
+    for emotion in ("calm", "sad"):
+        assert sum(row[emotion] for row in own) == pytest.approx(0, abs=1e-4)
+        shift = plain[0][emotion] - own[0][emotion]
+        assert plain[1][emotion] - own[1][emotion] == pytest.approx(shift, abs=1e-4)
+        assert shift == pytest.approx((plain[0][emotion] + plain[1][emotion]) / 2, abs=1e-4)
+    assert main(["read", "Hello", *options, "--baseline", str(tmp_path / "none.jsonl")]) == 2
+    assert "none.jsonl" in capsys.readouterr().err

@@ -20,13 +20,15 @@ from emolens.errors import EmolensError
 if TYPE_CHECKING:
     from emolens.steer import SteeringVector
 
-VARIANTS = ("denoised", "raw")
+VARIANTS = ("denoised", "raw")  # every bank has these
+OPTIONAL_VARIANTS = ("probe",)  # logistic-regression probes, where the build kept its stories
 FORMAT_VERSION = 1
 
 
 @dataclass
 class EmotionBank:
-    """Emotion vectors per layer, raw (centred emotion means) and denoised.
+    """Emotion vectors per layer, raw (centred emotion means), denoised, and optionally
+    `probe` (one-vs-rest logistic-regression directions on the centred story activations).
 
     `vectors[variant]` is [layers, emotions, width] (not normalised); `mean_norm` is the
     mean residual norm per layer over the build corpus: the unit of steering strength.
@@ -59,6 +61,9 @@ class EmotionBank:
         for variant in VARIANTS:
             if variant not in self.vectors:
                 raise EmolensError(f"bank has no '{variant}' vectors")
+        for variant in self.vectors:
+            if variant not in VARIANTS + OPTIONAL_VARIANTS:
+                raise EmolensError(f"unknown bank variant '{variant}'")
             if tuple(self.vectors[variant].shape[:2]) != shape:
                 raise EmolensError(
                     f"bank '{variant}' vectors have shape {tuple(self.vectors[variant].shape)}, "
@@ -68,7 +73,7 @@ class EmotionBank:
             raise EmolensError("bank mean_norm must have one value per layer")
         if tuple(self.center.shape) != (len(self.layers), self.width):
             raise EmolensError("bank center must have one vector per layer")
-        tensors = {f"{v} vectors": self.vectors[v] for v in VARIANTS}
+        tensors = {f"{v} vectors": t for v, t in self.vectors.items()}
         for name, tensor in {**tensors, "mean_norm": self.mean_norm, "center": self.center}.items():
             if not bool(torch.isfinite(tensor).all()):
                 raise EmolensError(f"bank {name} contain NaN or infinite values")
@@ -97,8 +102,8 @@ class EmotionBank:
 
     def matrix(self, layer: int | None = None, variant: str = "denoised") -> torch.Tensor:
         """Unit vectors of every emotion at one layer, [emotions, width]."""
-        if variant not in VARIANTS:
-            raise EmolensError(f"unknown variant '{variant}': choose from {VARIANTS}")
+        if variant not in self.vectors:
+            raise EmolensError(f"unknown variant '{variant}': choose from {sorted(self.vectors)}")
         rows = self.vectors[variant][self.layer_index(layer)]
         return rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
@@ -171,7 +176,7 @@ class EmotionBank:
     def save(self, path: str | os.PathLike) -> Path:
         """Write one safetensors file with JSON metadata, atomically."""
         path = Path(path)
-        tensors = {f"vectors.{v}": self.vectors[v].float().contiguous() for v in VARIANTS}
+        tensors = {f"vectors.{v}": t.float().contiguous() for v, t in self.vectors.items()}
         tensors["mean_norm"] = self.mean_norm.float().contiguous()
         tensors["center"] = self.center.float().contiguous()
         header = {
@@ -217,7 +222,7 @@ class EmotionBank:
             return cls(
                 emotions=list(header["emotions"]),
                 layers=list(header["layers"]),
-                vectors={v: tensors[f"vectors.{v}"] for v in VARIANTS},
+                vectors={k[8:]: t for k, t in tensors.items() if k.startswith("vectors.")},
                 mean_norm=tensors["mean_norm"],
                 center=tensors["center"],
                 model=header.get("model", {}),

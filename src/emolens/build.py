@@ -1,9 +1,11 @@
 """Corpus -> EmotionBank: pooled story means, centring, neutral-PCA denoising, held-out check.
 
 `build(lm, corpus, recipe)` runs the corpus through the model once per text (stopping after
-the deepest layer of the recipe), keeps float64 running sums only, checkpoints them, and
-finishes the bank: emotion means, centred, with the principal components of the neutral
-dialogues projected out. A bank is cached by (model, corpus, recipe): the default build
+the deepest layer of the recipe), keeps float64 running sums and each text's pooled
+activation, checkpoints them, and finishes the bank: emotion means, centred, with the
+principal components of the neutral dialogues projected out; optionally (`Recipe.probes`)
+one-vs-rest logistic-regression probes on the centred pooled activations, and optionally
+(`Recipe.genres`) with the training split of the other genres pooled in beside the stories. A bank is cached by (model, corpus, recipe): the default build
 (shipped corpus, default recipe) in the model's folder, any other in a folder of its own key,
 and no build ever replaces a bank built from another corpus or recipe.
 """
@@ -31,11 +33,18 @@ from emolens.corpus import load as load_corpus
 from emolens.errors import EmolensError
 from emolens.evaluate.heldout import heldout_accuracy
 from emolens.models import LoadedModel
-from emolens.stats import RunningCovariance, RunningMean, principal_components, project_out
+from emolens.stats import (
+    RunningCovariance,
+    RunningMean,
+    logistic_directions,
+    principal_components,
+    project_out,
+)
 
 log = logging.getLogger("emolens")
-PHASES = ("train", "neutral", "heldout")
+PHASES = ("train", "genres", "neutral", "heldout")
 MIN_POOLED = 8  # stories pooling fewer tokens than this are counted and reported
+PROBE_L2 = 1e-3  # ridge penalty of the logistic probes (on activations scaled to unit spread)
 
 
 def default_layers(depth: int) -> list[int]:
@@ -53,8 +62,13 @@ class Recipe:
     neutral_offset: int = 4  # skip the attention-sink start of each neutral dialogue
     variance: float = 0.5  # neutral variance explained by the components projected out
     batch_size: int = 4
+    genres: bool = False  # also pool the other genres' train split, from `neutral_offset`
+    probes: bool = False  # also fit logistic-regression probes (the "probe" variant)
 
     def __post_init__(self) -> None:
+        for name in ("genres", "probes"):
+            if not isinstance(getattr(self, name), bool):
+                raise EmolensError(f"recipe {name} must be true or false")
         for name, least in (("offset", 0), ("neutral_offset", 0), ("batch_size", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -97,6 +111,7 @@ class _State:
         self.norm_count = torch.zeros((), dtype=torch.float64)
         self.pooled_tokens = torch.zeros(len(self.emotions), dtype=torch.float64)
         self.heldout: dict[int, torch.Tensor] = {}
+        self.train: dict[int, torch.Tensor] = {}  # text -> pooled [layers, width]; genres after
 
     def tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"means.{k}": v for k, v in self.means.state_dict().items()}
@@ -104,6 +119,7 @@ class _State:
         tensors |= {"norm_sum": self.norm_sum, "norm_count": self.norm_count,
                     "pooled_tokens": self.pooled_tokens}  # fmt: skip
         tensors |= {f"heldout.{i}": v for i, v in self.heldout.items()}
+        tensors |= {f"train.{i}": v for i, v in self.train.items()}
         return {k: v.contiguous() for k, v in tensors.items()}
 
     def save(self, path: Path, key: str) -> None:
@@ -132,6 +148,7 @@ class _State:
         self.norm_sum, self.norm_count = tensors["norm_sum"], tensors["norm_count"]
         self.pooled_tokens = tensors["pooled_tokens"]
         self.heldout = {int(k[8:]): v for k, v in tensors.items() if k.startswith("heldout.")}
+        self.train = {int(k[6:]): v for k, v in tensors.items() if k.startswith("train.")}
         self.done, self.short = json.loads(meta["done"]), int(meta["short"])
         return True
 
@@ -143,6 +160,7 @@ class _State:
         self.norm_count += other.norm_count
         self.pooled_tokens += other.pooled_tokens
         self.heldout.update(other.heldout)
+        self.train.update(other.train)
         for phase in PHASES:
             self.done[phase] += other.done[phase]
         self.short += other.short
@@ -153,7 +171,8 @@ class _State:
 @dataclass(frozen=True)
 class Job:
     """What every shard of a build needs: the texts of each phase (strings or token ids), the
-    emotion label of each training story, and the recipe's layers, offsets and batch size."""
+    emotion label of each training text (stories, then other genres), and the recipe's layers,
+    offsets and batch size."""
 
     emotions: list[str]
     layers: list[int]
@@ -195,15 +214,19 @@ def shard_statistics(
     skip = [n for n in range(job.batches(phase)) if n not in wanted]
     batches = capture(lm, texts, state.layers, offset=job.offsets[phase], batch_size=job.batch_size,
                       done=skip, progress=f"{phase} ({len(texts)} texts)" if progress else False)  # fmt: skip
+    start = len(job.texts["train"]) if phase == "genres" else 0  # texts' index in job.labels
     for batch in batches:
         state.tokens += int(batch.attention_mask.sum())
-        if phase == "train":
-            labels = torch.tensor([job.labels[i] for i in batch.indices])
+        if phase in ("train", "genres"):
+            labels = torch.tensor([job.labels[start + i] for i in batch.indices])
             counts = batch.counts
             pooled = counts > 0
-            state.means.update(labels[pooled], batch.pooled()[pooled])
+            values = batch.pooled()
+            state.means.update(labels[pooled], values[pooled])
             state.pooled_tokens.index_add_(0, labels, counts.double())
             state.short += int((counts < MIN_POOLED).sum())
+            state.train.update((start + i, v) for i, v, kept in
+                               zip(batch.indices, values, pooled.tolist(), strict=True) if kept)  # fmt: skip
         elif phase == "neutral":
             for i, layer in enumerate(state.layers):
                 state.neutral.update(i, batch.tokens(layer))
@@ -266,6 +289,9 @@ def build(
     emotions = corpus.emotions()
     label = {e: i for i, e in enumerate(emotions)}
     train, heldout = corpus.stories("train"), corpus.stories("heldout")
+    genres = corpus.genres("train") if recipe.genres else []
+    if recipe.genres and not genres:
+        raise EmolensError("recipe genres: the corpus has no training texts of other genres")
     neutral = [lm.encode_chat(dialogue_messages(r.text), add_generation_prompt=False)
                for r in corpus.neutral()]  # fmt: skip
     if not neutral:
@@ -275,9 +301,11 @@ def build(
     resumed = state.restore(checkpoint, key)
     started = time.perf_counter()
     job = Job(emotions, state.layers, lm.width,
-              {"train": [r.text for r in train], "neutral": neutral, "heldout": [r.text for r in heldout]},
-              [label[r.emotion] for r in train],
-              {"train": recipe.offset, "neutral": recipe.neutral_offset, "heldout": recipe.offset},
+              {"train": [r.text for r in train], "genres": [r.text for r in genres],
+               "neutral": neutral, "heldout": [r.text for r in heldout]},
+              [label[r.emotion] for r in train + genres],
+              {"train": recipe.offset, "genres": recipe.neutral_offset,
+               "neutral": recipe.neutral_offset, "heldout": recipe.offset},
               recipe.batch_size, str(lm.fingerprint.get("weights")))  # fmt: skip
     finished = {p: set(state.done[p]) for p in PHASES}
     pending = {p: [n for n in range(job.batches(p)) if n not in finished[p]] for p in PHASES}
@@ -298,9 +326,18 @@ def build(
             state.merge(partial).save(checkpoint, key)
     tokens = state.tokens
     if state.short:
-        log.warning("%d training stories pool fewer than %d tokens (offset %d)", state.short,
+        log.warning("%d training texts pool fewer than %d tokens (offset %d)", state.short,
                     MIN_POOLED, recipe.offset)  # fmt: skip
-    bank = _finish(lm, state, recipe, corpus, key)
+    texts = train + genres
+    kept = sorted(state.train)
+    labels = [label[texts[i].emotion] for i in kept]
+    bank = _finish(lm, state, recipe, corpus, key, labels)
+    with atomic_path(out / "train.safetensors") as staging:
+        save_file({"pooled": torch.stack([state.train[i] for i in kept]).contiguous(),
+                   "labels": torch.tensor(labels),
+                   "story": torch.tensor([i < len(train) for i in kept])},
+                  str(staging), metadata={"emotions": json.dumps(emotions),
+                                          "layers": json.dumps(bank.layers)})  # fmt: skip
     if heldout:
         heldout_path = out / "heldout.safetensors"
         tensors = {"pooled": torch.stack([state.heldout[i] for i in range(len(heldout))]).contiguous(),
@@ -342,8 +379,25 @@ def locate(
     return keyed_bank_path(lm.fingerprint, key), key
 
 
+def probes(state: _State, labels: list[int], center: torch.Tensor) -> torch.Tensor:
+    """Logistic-regression directions [layers, emotions, width] of the centred pooled texts."""
+    pooled = torch.stack([state.train[i] for i in sorted(state.train)]).double()
+    found = []
+    for i, layer in enumerate(state.layers):
+        log.info("fitting %d logistic probes at layer %d", len(state.emotions), layer)
+        features = pooled[:, i] - center[i].double()
+        found.append(logistic_directions(features, torch.tensor(labels), len(state.emotions),
+                                         l2=PROBE_L2))  # fmt: skip
+    return torch.stack(found).float()
+
+
 def _finish(
-    lm: LoadedModel, state: _State, recipe: Recipe, corpus: Corpus, key: str
+    lm: LoadedModel,
+    state: _State,
+    recipe: Recipe,
+    corpus: Corpus,
+    key: str,
+    labels: list[int] | None = None,
 ) -> EmotionBank:
     empty = [e for e, n in zip(state.emotions, state.pooled_tokens.tolist(), strict=True) if n == 0]
     if empty:
@@ -368,15 +422,19 @@ def _finish(
         "build_key": key,
         "corpus": corpus.digest(),
         "counts": {"train": len(corpus.stories("train")), "heldout": len(corpus.stories("heldout")),
+                   "genres": len(corpus.genres("train")) if recipe.genres else 0,
                    "neutral": len(corpus.neutral()), "short_stories": state.short},
         "denoising": {"components": components, "explained": explained},
         "emolens": __version__,
     }  # fmt: skip
     layers = list(recipe.layers or ())
+    vectors = {"raw": raw.float(), "denoised": torch.stack(denoised).float()}
+    if recipe.probes:
+        vectors["probe"] = probes(state, labels or [], center)
     return EmotionBank(
         emotions=state.emotions,
         layers=layers,
-        vectors={"raw": raw.float(), "denoised": torch.stack(denoised).float()},
+        vectors=vectors,
         mean_norm=(state.norm_sum / state.norm_count).float(),
         center=center.float(),
         model=dict(lm.fingerprint),

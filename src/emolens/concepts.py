@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Mapping
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
@@ -39,7 +40,7 @@ def read_text(path: str | os.PathLike) -> str:
     return text.removeprefix("\ufeff")
 
 
-def load_jsonl(path: Path, required: dict[str, type]) -> list[dict]:
+def load_jsonl(path: Path, required: Mapping[str, type]) -> list[dict]:
     """Rows of a JSONL data file, each checked for required fields and types (file:line errors)."""
     rows = []
     for number, line in enumerate(read_text(path).split("\n"), 1):

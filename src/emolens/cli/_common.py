@@ -103,13 +103,23 @@ def sampling_from(args: argparse.Namespace) -> Sampling:
     return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
 
 
+def add_variant_option(parser: argparse.ArgumentParser) -> None:
+    """--variant: which of the bank's vectors to use."""
+    parser.add_argument(
+        "--variant",
+        choices=("denoised", "raw", "probe"),
+        default="denoised",
+        help="probe: logistic-regression directions (banks built with --probes)",
+    )
+
+
 def add_steering_options(parser: argparse.ArgumentParser) -> None:
     """--layer, --positions, --variant and --allow-strong."""
     from emolens.steer import MODES
 
     parser.add_argument("--layer", type=int, default=None, help="block to read and steer")
     parser.add_argument("--positions", choices=MODES, default="all", help="tokens steered")
-    parser.add_argument("--variant", choices=("denoised", "raw"), default="denoised")
+    add_variant_option(parser)
     parser.add_argument(
         "--allow-strong", action="store_true", help="allow strengths beyond +-1 (gibberish)"
     )

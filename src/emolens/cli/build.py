@@ -32,6 +32,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="block indices")
     parser.add_argument("--offset", type=int, default=50, help="first story token averaged")
     parser.add_argument("--variance", type=finite, default=0.5, help="neutral variance removed")
+    parser.add_argument("--genres", action="store_true",
+                        help="also pool the train split of the other genres (messages, comments, "
+                        "dialogue lines, diaries) into the emotion means")  # fmt: skip
+    parser.add_argument("--probes", action="store_true",
+                        help="also fit logistic-regression probes (variant 'probe')")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--checkpoint-every", type=int, default=25, help="batches between saves")
     parser.add_argument(
@@ -47,7 +52,8 @@ def run(args: argparse.Namespace) -> None:
     from emolens.errors import EmolensError
 
     recipe = Recipe(layers=tuple(args.layers) if args.layers else None, offset=args.offset,
-                    variance=args.variance, batch_size=args.batch_size)  # fmt: skip
+                    variance=args.variance, batch_size=args.batch_size, genres=args.genres,
+                    probes=args.probes)  # fmt: skip
     if args.checkpoint_every < 1:
         raise EmolensError(f"--checkpoint-every must be at least 1, not {args.checkpoint_every}")
     corpus = args.corpus if args.corpus == "default" else load(args.corpus)

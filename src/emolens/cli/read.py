@@ -13,6 +13,7 @@ from emolens.cli._common import (
     add_bank_option,
     add_model_option,
     add_sampling_options,
+    add_variant_option,
     emotion_list,
     load_bank_for,
     load_model_from,
@@ -59,7 +60,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_model_option(parser)
     add_bank_option(parser)
     parser.add_argument("--layer", type=int, default=None, help="layer (default: the bank's)")
-    parser.add_argument("--variant", choices=("denoised", "raw"), default="denoised")
+    add_variant_option(parser)
+    parser.add_argument(
+        "--baseline",
+        metavar="neutral|JSONL",
+        help="subtract each emotion's mean reading over the shipped neutral dialogues, or over "
+        "your reference texts (a JSONL file in the --file format)",
+    )
     parser.add_argument("--emotions", metavar="A,B,C", help="only these emotions")
     parser.add_argument("--top", type=int, default=3, metavar="K", help="emotions shown (3)")
     parser.add_argument(
@@ -94,6 +101,7 @@ def run(args: argparse.Namespace) -> None:
     sampling = sampling_from(args) if args.generate is not None else None
     messages = load_chat(args.chat) if args.chat else None
     items = _read_items(args.file) if args.file else None
+    reference = _read_items(args.baseline) if args.baseline not in (None, "neutral") else None
     if args.text is not None and not args.text.strip():
         raise EmolensError("nothing to read: the text is empty or only whitespace")
     check_output(args.html)
@@ -102,18 +110,20 @@ def run(args: argparse.Namespace) -> None:
     lm = load_model_from(args)
     bank = load_bank_for(args, lm)
     emotions = emotion_list(args.emotions, bank.emotions)
+    baseline = _baseline(args, lm, bank, reference)
     if items is not None:
-        _score_file(args, lm, bank, items, emotions)
+        _score_file(args, lm, bank, items, emotions, baseline)
         return
     colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     if args.generate is not None:
         messages = [{"role": "user", "content": args.generate}]
         assert sampling is not None
-        reply = _stream(args, lm, bank, messages, emotions, colour, sampling)
+        reply = _stream(args, lm, bank, messages, emotions, colour, sampling, baseline)
         if not (args.json or args.html or args.plot):
             return
         messages.append({"role": "assistant", "content": reply})
-    readout = read(lm, bank, messages or args.text, layer=args.layer, variant=args.variant)
+    readout = read(lm, bank, messages or args.text, layer=args.layer, variant=args.variant,
+                   baseline=baseline)  # fmt: skip
     readout = readout.smooth(args.smooth)
     view = readout.select(emotions) if emotions else readout
     if args.json:
@@ -131,6 +141,23 @@ def run(args: argparse.Namespace) -> None:
 
         plot_trajectory(readout, args.plot, emotions)
         print(f"emolens: wrote {args.plot}", file=sys.stderr)
+
+
+def _baseline(
+    args: argparse.Namespace, lm: LoadedModel, bank: EmotionBank, reference: list | None
+) -> str | torch.Tensor | None:
+    """What --baseline subtracts: "neutral", the mean reading of the reference texts, or None."""
+    import torch
+
+    from emolens.readout import read_many
+
+    if reference is None:
+        return args.baseline
+    pool = args.pool if args.file else "mean"
+    scores = read_many(lm, bank, [item for _, item in reference], layer=args.layer,
+                       variant=args.variant, pool=pool, batch_size=args.batch_size)  # fmt: skip
+    assert isinstance(scores, torch.Tensor)
+    return scores.mean(0)
 
 
 def _read_items(path: str) -> list[tuple[object, str | list[dict]]]:
@@ -161,14 +188,20 @@ def _read_items(path: str) -> list[tuple[object, str | list[dict]]]:
 
 
 def _score_file(
-    args: argparse.Namespace, lm: LoadedModel, bank: EmotionBank, items: list, emotions: list[str]
+    args: argparse.Namespace,
+    lm: LoadedModel,
+    bank: EmotionBank,
+    items: list,
+    emotions: list[str],
+    baseline: str | torch.Tensor | None,
 ) -> None:
     """Score every item of --file into --out, resuming after the lines already there."""
     from emolens.jsonl import AppendLog, recover
     from emolens.readout import read_many, resolve_layer
 
     layer = resolve_layer(lm, bank, args.layer)
-    settings = {"layer": layer, "pool": args.pool, "variant": args.variant}
+    settings = {"layer": layer, "pool": args.pool, "variant": args.variant,
+                "baseline": args.baseline}  # fmt: skip
     done = set()
     for number, row in recover(args.out):
         if not isinstance(row, dict) or any(row.get(k) != v for k, v in settings.items()):
@@ -186,7 +219,7 @@ def _score_file(
             part = todo[start : start + chunk]
             scores = read_many(lm, bank, [items[i][1] for i in part], layer=layer,
                                variant=args.variant, pool=args.pool, batch_size=args.batch_size,
-                               progress=len(todo) > chunk)  # fmt: skip
+                               baseline=baseline, progress=len(todo) > chunk)  # fmt: skip
             log.write(
                 {"index": i, "id": items[i][0], **settings,
                  "scores": {n: round(float(v), 5) for n, v in zip(names, row[index].tolist(), strict=True)}}
@@ -203,6 +236,7 @@ def _stream(
     emotions: list[str],
     colour: bool,
     sampling: Sampling,
+    baseline: str | torch.Tensor | None,
 ) -> str:
     """Generate and print the reply as it comes, with its readout; return the reply text."""
     from dataclasses import asdict
@@ -220,7 +254,13 @@ def _stream(
     pieces: list[str] = []
     pending: list[torch.Tensor] = []
     for token in generate(
-        lm, bank, messages, layer=args.layer, variant=args.variant, **asdict(sampling)
+        lm,
+        bank,
+        messages,
+        layer=args.layer,
+        variant=args.variant,
+        baseline=baseline,
+        **asdict(sampling),
     ):
         pieces.append(token.text)
         if quiet:

@@ -52,7 +52,10 @@ class Axes:
             "fit_valence_r": self.fit_valence_r,
             "fit_arousal_r": self.fit_arousal_r,
             "rated": self.rated,
-            "split_half": vars(self.split_half) if self.split_half else None,
+            "split_half": vars(self.split_half)
+            | {"component_cosine": list(self.split_half.component_cosine)}
+            if self.split_half
+            else None,
         }
 
 

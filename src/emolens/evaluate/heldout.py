@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from emolens import concepts
-from emolens.bank import VARIANTS, EmotionBank
+from emolens.bank import EmotionBank
 from emolens.readout import score
 
 
@@ -71,24 +71,28 @@ class HeldoutTable:
         )
 
     def text(self) -> str:
-        """The table as text, one line per layer."""
+        """The table as text, one line per layer, one column pair per variant."""
         k, s = self.n_emotions, self.n_showcase_emotions
+        variants = [
+            v for v in ("raw", "denoised", "probe") if v in next(iter(self.layers.values()))
+        ]
+        heads = "".join(f"{v:>9}" for v in variants)
         lines = [
             f"held-out stories: {self.n} ({k}-way), {self.n_showcase} ({s}-way showcase)",
-            f"layer   {k:>3}-way top-1      {k:>3}-way top-5      {s:>2}-way top-1",
-            "        raw    denoised    raw    denoised    raw    denoised",
+            f"layer {f'{k}-way top-1':^{9 * len(variants)}}  {f'{k}-way top-5':^{9 * len(variants)}}"
+            f"  {f'{s}-way top-1':^{9 * len(variants)}}",
+            f"      {heads}  {heads}  {heads}",
         ]
         for layer, row in self.layers.items():
-            raw, den = row["raw"], row["denoised"]
-            lines.append(
-                f"{layer:>5}  {raw.top1:6.1%}  {den.top1:6.1%}    {raw.top5:6.1%}  "
-                f"{den.top5:6.1%}    {_pct(raw.showcase_top1)}  {_pct(den.showcase_top1)}"
-            )
+            cells = [[f"{row[v].top1:9.1%}" for v in variants],
+                     [f"{row[v].top5:9.1%}" for v in variants],
+                     [_pct(row[v].showcase_top1) for v in variants]]  # fmt: skip
+            lines.append(f"{layer:>5} " + "  ".join("".join(c) for c in cells))
         return "\n".join(lines)
 
 
 def _pct(value: float | None) -> str:
-    return "   n/a" if value is None else f"{value:6.1%}"
+    return "      n/a" if value is None else f"{value:9.1%}"
 
 
 def classify(bank: EmotionBank, pooled: torch.Tensor, layer: int, variant: str) -> torch.Tensor:
@@ -113,7 +117,7 @@ def heldout_accuracy(bank: EmotionBank, path: str | os.PathLike) -> HeldoutTable
     layers = {}
     for layer in bank.layers:
         row = {}
-        for variant in VARIANTS[::-1]:
+        for variant in sorted(bank.vectors, key=("raw", "denoised", "probe").index):
             scores = classify(bank, pooled, layer, variant)
             row[variant] = Accuracy(
                 top1=accuracy(scores, labels, 1),

@@ -162,7 +162,8 @@ def main() -> None:
         print(f"SystemExit({stop.code!r}) before the tests finished", file=streams[1])
         status = 1
     except BaseException as error:  # the tests failed or the code crashed: show where
-        report(error, error.__traceback__.tb_next, sources)
+        trace = error.__traceback__
+        report(error, trace.tb_next if trace else None, sources)
         status = 1
     else:
         write(out, sentinel)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from emolens.atomic import atomic_path
 from emolens.errors import EmolensError
@@ -118,7 +118,7 @@ class OpenAIJudge:
         try:
             response = self.client.chat.completions.create(
                 model=self.name,
-                messages=user_message(prompt),
+                messages=user_message(prompt),  # type: ignore[arg-type]
                 temperature=self.temperature,
                 max_tokens=self.max_tokens,
             )
@@ -202,7 +202,7 @@ class CachedJudge:
 
 
 def open_judge(
-    url: str, model: str, *, cache: str | os.PathLike | None = None, **options: float | str
+    url: str, model: str, *, cache: str | os.PathLike | None = None, **options: Any
 ) -> Judge:
     """The judge behind ``--judge-url URL --judge-model NAME``, cached in `cache` if given;
     `options` go to `OpenAIJudge` (api_key, timeout, max_retries, max_tokens, temperature)."""

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from string import Template
+from typing import Any
 
 from emolens.concepts import DATA
 from emolens.errors import EmolensError
@@ -93,7 +94,7 @@ def parse_score(answer: str, low: int, high: int, *, key: str = "SCORE") -> int 
     return score if low <= score <= high else None
 
 
-_SPECS = {
+_SPECS: dict[str, dict[str, Any]] = {
     "blackmail": dict(key="VERDICT", labels=LABELS),
     "sycophancy": dict(key="SCORE", scale=SCALE),
     "harshness": dict(key="SCORE", scale=SCALE),

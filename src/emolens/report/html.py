@@ -309,7 +309,8 @@ def axes(report: Report, images: dict[str, Path]) -> str:
     split = result.split_half
     halves = (
         f"<p>Split-half check ({split.stories} stories): the top three components estimated "
-        "from two disjoint halves of the stories have |cos| "
+        "from two disjoint halves of the training stories (centred emotion means, before "
+        "denoising) have |cos| "
         + ", ".join(f"{v:.2f}" for v in split.component_cosine)
         + f"; PC1 scores agree at r = {signed(split.pc1_scores_r)} and the similarity "
         f"structures at r = {signed(split.similarity_r)}.</p>"
