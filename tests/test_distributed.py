@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import emolens
 from emolens import concepts
 from emolens.bank import EmotionBank, random_bank
 from emolens.build import Recipe, build
 from emolens.cli import main
+from emolens.corpus import Corpus, load
 from emolens.distributed import RayWorkers
 from emolens.errors import EmolensError
 from emolens.models import load_model
@@ -142,6 +144,20 @@ def test_ray_build_equals_the_single_process_bank(workers, model_dir, corpus, si
     assert_same_bank(bank, single)
     assert set(workers.computed_by) == set(workers.pids) and len(workers.pids) == 2
     assert not (tmp_path / ".checkpoint.safetensors").exists()
+
+
+def test_ray_build_with_genres_and_probes(workers, model_dir, corpus, tmp_path):
+    emotions = set(corpus.emotions())
+    mixed = Corpus(corpus.records + [r for r in load().genres() if r.emotion in emotions])
+    recipe = Recipe(layers=(1, 3), genres=True, probes=True)
+    lm = load_model(model_dir)
+    single = build(lm, mixed, recipe, out=tmp_path / "single", progress=False)
+    spread = build(lm, mixed, recipe, out=tmp_path / "ray", checkpoint_every=3, progress=False,
+                   executor=workers.build)  # fmt: skip
+    assert set(spread.vectors) == {"raw", "denoised", "probe"}
+    assert_same_bank(spread, single)
+    pooled = [load_file(str(tmp_path / run / "train.safetensors")) for run in ("single", "ray")]
+    assert all(torch.equal(pooled[0][k], pooled[1][k]) for k in pooled[0])
 
 
 def test_a_restarted_driver_does_not_recompute_finished_shards(
