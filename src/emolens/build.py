@@ -193,7 +193,7 @@ class Job:
 
 
 Shard = tuple[str, list[int]]  # a phase and batch numbers of its plan
-# Runs shards somewhere (`emolens.distributed.RayBuild`) and yields their statistics in order.
+# Runs shards elsewhere (`emolens.distributed.RayWorkers.build`); yields their statistics in order.
 Executor = Callable[[Job, list[Shard]], Iterator[_State]]
 
 
@@ -259,8 +259,8 @@ def build(
     interrupted build resumes from its last checkpoint and gives the same bank as an unbroken
     one. A bank already in `out` is reused when it was built the same way, and never replaced
     when it was built from another corpus or recipe unless `force` is set. An `executor`
-    (`emolens.distributed.RayBuild`) computes shards of `checkpoint_every` batches elsewhere;
-    the bank is the same.
+    (`emolens.distributed.RayWorkers.build`) computes shards of `checkpoint_every` batches
+    elsewhere, merged and checkpointed here in plan order: the bank is the same.
     """
     if (
         isinstance(checkpoint_every, bool)
