@@ -38,7 +38,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--probes", action="store_true",
                         help="also fit logistic-regression probes (variant 'probe')")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--checkpoint-every", type=int, default=25, help="batches between saves")
+    parser.add_argument("--checkpoint-every", type=int, default=25,
+                        help="batches between saves (with --ray: per shard)")  # fmt: skip
     parser.add_argument(
         "--force", action="store_true", help="rebuild, replacing the bank in --out (if any)"
     )
