@@ -66,11 +66,14 @@ def stub_server(stub: Stub):
                            "model": body["model"], "choices": [{"index": 0, "message": message,
                            "finish_reason": "stop"}]}  # fmt: skip
             data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+                pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -151,6 +154,13 @@ def test_errors_are_clear_and_only_transient_ones_retried(tmp_path, capsys):
             backend.complete([[{"role": "user", "content": "Write one story"}]],
                              max_new_tokens=8, temperature=0)  # fmt: skip
         assert len(busy.requests) == 3
+    slow = Stub(delay=1.0)
+    with stub_server(slow) as url:
+        backend = OpenAIBackend("stub-writer", base_url=url, timeout=0.2, retries=1, backoff=0)
+        with pytest.raises(EmolensError, match="timed out.*2 tries"):
+            backend.complete([[{"role": "user", "content": "Write one story"}]],
+                             max_new_tokens=8, temperature=0)  # fmt: skip
+        assert len(slow.requests) == 2
     assert main(command("http://127.0.0.1:9/v1", tmp_path / "b.jsonl", "--retries", "0")) == 2
     assert "Connection error" in capsys.readouterr().err
     assert main(["corpus", "generate", "--backend", "openai", "--out", str(tmp_path / "c")]) == 2
