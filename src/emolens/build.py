@@ -12,10 +12,12 @@ and no build ever replaces a bank built from another corpus or recipe.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -99,6 +101,7 @@ class _State:
     width: int
     done: dict[str, list[int]] = field(default_factory=lambda: {p: [] for p in PHASES})
     short: int = 0
+    tokens: int = 0  # tokens read by this process (not checkpointed)
 
     def __post_init__(self) -> None:
         n_layers = len(self.layers)
@@ -149,6 +152,95 @@ class _State:
         self.done, self.short = json.loads(meta["done"]), int(meta["short"])
         return True
 
+    def merge(self, other: _State) -> _State:
+        """Add the statistics of another shard of the same build (exact in float64)."""
+        self.means.merge(other.means)
+        self.neutral.merge(other.neutral)
+        self.norm_sum += other.norm_sum
+        self.norm_count += other.norm_count
+        self.pooled_tokens += other.pooled_tokens
+        self.heldout.update(other.heldout)
+        self.train.update(other.train)
+        for phase in PHASES:
+            self.done[phase] += other.done[phase]
+        self.short += other.short
+        self.tokens += other.tokens
+        return self
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every shard of a build needs: the texts of each phase (strings or token ids), the
+    emotion label of each training text (stories, then other genres), and the recipe's layers,
+    offsets and batch size."""
+
+    emotions: list[str]
+    layers: list[int]
+    width: int
+    texts: dict[str, list]
+    labels: list[int]
+    offsets: dict[str, int]
+    batch_size: int
+    weights: str  # the model's weights digest: a worker with another model is refused
+
+    def batches(self, phase: str) -> int:
+        """How many batches the phase's plan has (`capture.plan_batches`)."""
+        return -(-len(self.texts[phase]) // self.batch_size)
+
+    def state(self) -> _State:
+        """Empty statistics for this build."""
+        return _State(list(self.emotions), list(self.layers), self.width)
+
+
+Shard = tuple[str, list[int]]  # a phase and batch numbers of its plan
+# Runs shards elsewhere (`emolens.distributed.RayWorkers.build`); yields their statistics in order.
+Executor = Callable[[Job, list[Shard]], Iterator[_State]]
+
+
+def shard_statistics(
+    lm: LoadedModel,
+    job: Job,
+    phase: str,
+    numbers: Sequence[int],
+    state: _State | None = None,
+    after_batch: Callable[[_State], None] | None = None,
+    progress: bool = False,
+) -> _State:
+    """Add the statistics of batches `numbers` of a phase's plan to `state` (new if None).
+
+    `after_batch(state)` runs after each batch has been added and recorded as done."""
+    state = state if state is not None else job.state()
+    texts, wanted = job.texts[phase], set(numbers)
+    skip = [n for n in range(job.batches(phase)) if n not in wanted]
+    batches = capture(lm, texts, state.layers, offset=job.offsets[phase], batch_size=job.batch_size,
+                      done=skip, progress=f"{phase} ({len(texts)} texts)" if progress else False)  # fmt: skip
+    start = len(job.texts["train"]) if phase == "genres" else 0  # texts' index in job.labels
+    for batch in batches:
+        state.tokens += int(batch.attention_mask.sum())
+        if phase in ("train", "genres"):
+            labels = torch.tensor([job.labels[start + i] for i in batch.indices])
+            counts = batch.counts
+            pooled = counts > 0
+            values = batch.pooled()
+            state.means.update(labels[pooled], values[pooled])
+            state.pooled_tokens.index_add_(0, labels, counts.double())
+            state.short += int((counts < MIN_POOLED).sum())
+            state.train.update((start + i, v) for i, v, kept in
+                               zip(batch.indices, values, pooled.tolist(), strict=True) if kept)  # fmt: skip
+        elif phase == "neutral":
+            for i, layer in enumerate(state.layers):
+                state.neutral.update(i, batch.tokens(layer))
+        else:
+            state.heldout.update(zip(batch.indices, batch.pooled(), strict=True))
+        if phase != "heldout":
+            for i, layer in enumerate(state.layers):
+                state.norm_sum[i] += batch.tokens(layer).double().norm(dim=-1).sum().cpu()
+            state.norm_count += batch.pool_mask.sum()
+        state.done[phase].append(batch.number)
+        if after_batch is not None:
+            after_batch(state)
+    return state
+
 
 def build(
     lm: LoadedModel,
@@ -159,13 +251,16 @@ def build(
     checkpoint_every: int = 25,
     force: bool = False,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> EmotionBank:
     """Build (or reuse) the emotion bank of `lm` from a corpus; writes bank, summary, held-out set.
 
     `out` is a directory (default: the cache folder of this model, corpus and recipe). An
     interrupted build resumes from its last checkpoint and gives the same bank as an unbroken
     one. A bank already in `out` is reused when it was built the same way, and never replaced
-    when it was built from another corpus or recipe unless `force` is set.
+    when it was built from another corpus or recipe unless `force` is set. An `executor`
+    (`emolens.distributed.RayWorkers.build`) computes shards of `checkpoint_every` batches
+    elsewhere, merged and checkpointed here in plan order: the bank is the same.
     """
     if (
         isinstance(checkpoint_every, bool)
@@ -205,48 +300,31 @@ def build(
     checkpoint = out / ".checkpoint.safetensors"
     resumed = state.restore(checkpoint, key)
     started = time.perf_counter()
-    tokens = 0
+    job = Job(emotions, state.layers, lm.width,
+              {"train": [r.text for r in train], "genres": [r.text for r in genres],
+               "neutral": neutral, "heldout": [r.text for r in heldout]},
+              [label[r.emotion] for r in train + genres],
+              {"train": recipe.offset, "genres": recipe.neutral_offset,
+               "neutral": recipe.neutral_offset, "heldout": recipe.offset},
+              recipe.batch_size, str(lm.fingerprint.get("weights")))  # fmt: skip
+    finished = {p: set(state.done[p]) for p in PHASES}
+    pending = {p: [n for n in range(job.batches(p)) if n not in finished[p]] for p in PHASES}
+    if executor is None:
+        count = itertools.count(1)
 
-    def run(phase: str, texts: list, phase_offset: int):  # noqa: ANN202
-        nonlocal tokens
-        if not texts:
-            return
-        batches = capture(lm, texts, state.layers, offset=phase_offset, batch_size=recipe.batch_size,
-                          done=state.done[phase], progress=f"{phase} ({len(texts)} texts)" if progress else False)  # fmt: skip
-        for count, batch in enumerate(batches, 1):
-            tokens += int(batch.attention_mask.sum())
-            yield batch
-            state.done[phase].append(batch.number)
-            if count % checkpoint_every == 0:
+        def save_every(state: _State) -> None:
+            if next(count) % checkpoint_every == 0:
                 state.save(checkpoint, key)
 
-    def add_norms(batch) -> None:  # noqa: ANN001
-        for i, layer in enumerate(state.layers):
-            state.norm_sum[i] += batch.tokens(layer).double().norm(dim=-1).sum().cpu()
-        state.norm_count += batch.pool_mask.sum()
-
-    def add_texts(batch, records: list, start: int) -> None:  # noqa: ANN001
-        labels = torch.tensor([label[records[i].emotion] for i in batch.indices])
-        counts = batch.counts
-        pooled = counts > 0
-        values = batch.pooled()
-        state.means.update(labels[pooled], values[pooled])
-        state.pooled_tokens.index_add_(0, labels, counts.double())
-        state.short += int((counts < MIN_POOLED).sum())
-        state.train.update((start + i, v) for i, v, kept in
-                           zip(batch.indices, values, pooled.tolist(), strict=True) if kept)  # fmt: skip
-        add_norms(batch)
-
-    for batch in run("train", [r.text for r in train], recipe.offset):
-        add_texts(batch, train, 0)
-    for batch in run("genres", [r.text for r in genres], recipe.neutral_offset):
-        add_texts(batch, genres, len(train))
-    for batch in run("neutral", neutral, recipe.neutral_offset):
-        for i, layer in enumerate(state.layers):
-            state.neutral.update(i, batch.tokens(layer))
-        add_norms(batch)
-    for batch in run("heldout", [r.text for r in heldout], recipe.offset):
-        state.heldout.update(zip(batch.indices, batch.pooled(), strict=True))
+        for phase in PHASES:
+            if pending[phase]:
+                shard_statistics(lm, job, phase, pending[phase], state, save_every, progress)
+    else:  # shards of `checkpoint_every` batches, merged in plan order
+        shards = [(p, pending[p][i : i + checkpoint_every]) for p in PHASES
+                  for i in range(0, len(pending[p]), checkpoint_every)]  # fmt: skip
+        for partial in executor(job, shards):
+            state.merge(partial).save(checkpoint, key)
+    tokens = state.tokens
     if state.short:
         log.warning("%d training texts pool fewer than %d tokens (offset %d)", state.short,
                     MIN_POOLED, recipe.offset)  # fmt: skip

@@ -197,10 +197,12 @@ class Captured:
         return self.pool_mask.sum(1)
 
     def pooled(self) -> torch.Tensor:
-        """Masked mean over pooled tokens, [batch, layers, width] in float32 (0 where empty)."""
-        mask = self.pool_mask.to(next(iter(self.residuals.values())).device, torch.float32)
-        sums = torch.stack([mask[:, None, :] @ r.float() for r in self.residuals.values()], 1)
-        return (sums[:, :, 0] / mask.sum(1).clamp(min=1)[:, None, None]).cpu()
+        """Masked mean over pooled tokens, [batch, layers, width] in float32 (0 where empty);
+        each layer is pooled on its block's device, the result gathered on the CPU."""
+        mask = self.pool_mask.float()
+        sums = torch.stack([(mask.to(r.device)[:, None, :] @ r.float())[:, 0].cpu()
+                            for r in self.residuals.values()], 1)  # fmt: skip
+        return sums / mask.sum(1).clamp(min=1)[:, None, None]
 
     def tokens(self, layer: int) -> torch.Tensor:
         """The pooled tokens' residuals at `layer`, [n, width]."""

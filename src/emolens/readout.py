@@ -452,6 +452,7 @@ def _stream(
 ) -> Iterator[GeneratedToken]:
     while decoder.busy:
         for step in decoder.step():
-            scores = (step.residuals[layer].float() @ units.T).cpu()
+            states = step.residuals[layer].float()  # on the read block's device
+            scores = (states @ units.to(states.device).T).cpu()
             yield GeneratedToken(step.token, step.text, step.position,
                                  scores if offset is None else scores - offset)  # fmt: skip

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from emolens.errors import EmolensError
 
 if TYPE_CHECKING:
     from emolens.bank import EmotionBank
+    from emolens.distributed import RayWorkers
     from emolens.generation import Sampling
     from emolens.models import LoadedModel
 
@@ -22,6 +25,50 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
         help="a local directory, a .gguf file or a hub id (default: the embedded SmolLM2-135M)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (several GPUs)")
+
+
+def add_ray_options(parser: argparse.ArgumentParser) -> None:
+    """--ray [ADDRESS] and --workers N: run the work on Ray workers (`emolens.distributed`)."""
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray workers: the cluster at ADDRESS, or (auto) the one started here by "
+        "`ray start --head`, else a local one (needs pip install 'emolens[ray]')",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Ray workers (default: one per GPU of the cluster, else one per CPU)",
+    )
+
+
+def check_ray(args: argparse.Namespace) -> None:
+    """With --ray, fail now (not after loading the model) if Ray is not installed."""
+    if args.ray is not None:
+        from emolens.distributed import require_ray
+
+        require_ray()
+
+
+@contextmanager
+def ray_workers_from(args: argparse.Namespace, lm: LoadedModel) -> Iterator[RayWorkers | None]:
+    """Ray workers loading the model of --model in the driver's dtype while the block runs,
+    or None without --ray."""
+    if args.ray is None:
+        if args.workers is not None:
+            raise EmolensError("--workers needs --ray")
+        yield None
+        return
+    from emolens.distributed import RayWorkers
+
+    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    with RayWorkers(args.model, address=args.ray, workers=args.workers, dtype=dtype) as workers:
+        yield workers
 
 
 def add_bank_option(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from emolens.cli._common import add_model_option, finite, load_model_from
+from emolens.cli._common import (
+    add_model_option,
+    add_ray_options,
+    check_ray,
+    finite,
+    load_model_from,
+    ray_workers_from,
+)
 
 if TYPE_CHECKING:
     from emolens.bank import EmotionBank
@@ -31,10 +38,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--probes", action="store_true",
                         help="also fit logistic-regression probes (variant 'probe')")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--checkpoint-every", type=int, default=25, help="batches between saves")
+    parser.add_argument("--checkpoint-every", type=int, default=25,
+                        help="batches between saves (with --ray: per shard)")  # fmt: skip
     parser.add_argument(
         "--force", action="store_true", help="rebuild, replacing the bank in --out (if any)"
     )
+    add_ray_options(parser)
     parser.set_defaults(run=run)
 
 
@@ -49,9 +58,11 @@ def run(args: argparse.Namespace) -> None:
     if args.checkpoint_every < 1:
         raise EmolensError(f"--checkpoint-every must be at least 1, not {args.checkpoint_every}")
     corpus = args.corpus if args.corpus == "default" else load(args.corpus)
+    check_ray(args)  # before the model loads
     lm = load_model_from(args)
-    bank = build(lm, corpus, recipe, out=args.out, checkpoint_every=args.checkpoint_every,
-                 force=args.force)  # fmt: skip
+    with ray_workers_from(args, lm) as workers:
+        bank = build(lm, corpus, recipe, out=args.out, checkpoint_every=args.checkpoint_every,
+                     force=args.force, executor=workers.build if workers else None)  # fmt: skip
     print(describe(bank))
     if corpus != "default" or args.out is not None:
         print(f"read or report it with --bank {bank.meta['build']['path']}")

@@ -58,7 +58,38 @@ def register(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument(
-        "--batch-size", type=int, default=4, metavar="N", help="prompts per batch"
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="prompts per batch (default: 4 locally, 4 x --concurrency over HTTP)",
+    )
+    remote = generate.add_argument_group(
+        "OpenAI-compatible backend (vLLM, llama.cpp, emolens serve, a hosted API)"
+    )
+    remote.add_argument(
+        "--backend",
+        choices=("local", "openai"),
+        default="local",
+        help="local: --model runs here (default); openai: --model names the model served at "
+        "--base-url",
+    )
+    remote.add_argument("--base-url", default=None, metavar="URL", help="e.g. http://host:8000/v1")
+    remote.add_argument(
+        "--api-key", default=None, help="API key (default: $OPENAI_API_KEY, else none)"
+    )
+    remote.add_argument(
+        "--concurrency", type=int, default=8, metavar="K", help="requests in flight (8)"
+    )
+    remote.add_argument(
+        "--timeout", type=float, default=120.0, metavar="S", help="seconds per request (120)"
+    )
+    remote.add_argument(
+        "--retries",
+        type=int,
+        default=5,
+        metavar="N",
+        help="retries of a failed request, with exponential backoff (5)",
     )
     generate.set_defaults(run=run_generate)
 
@@ -80,12 +111,32 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from emolens.corpus_generation import LocalBackend, generate, pick_emotions, pick_topics
+    from emolens.corpus_generation import (
+        Backend,
+        LocalBackend,
+        OpenAIBackend,
+        generate,
+        pick_emotions,
+        pick_topics,
+    )
+    from emolens.errors import EmolensError
 
     # parsed before the model loads, so a typo fails at once
     emotions, topics = pick_emotions(args.emotions), pick_topics(args.topics)
     heldout = pick_topics(args.heldout_topics) if args.heldout_topics else []
-    backend = LocalBackend(load_model_from(args))
+    backend: Backend
+    if args.backend == "openai":
+        if not args.base_url or not args.model:
+            raise EmolensError("--backend openai needs --base-url URL and --model NAME")
+        backend = OpenAIBackend(args.model, base_url=args.base_url, api_key=args.api_key,
+                                concurrency=args.concurrency, timeout=args.timeout,
+                                retries=args.retries)  # fmt: skip
+        batch_size = 4 * args.concurrency if args.batch_size is None else args.batch_size
+    else:
+        if args.base_url:
+            raise EmolensError("--base-url needs --backend openai")
+        batch_size = 4 if args.batch_size is None else args.batch_size
+        backend = LocalBackend(load_model_from(args))
     tally = generate(
         backend,
         args.out,
@@ -96,7 +147,7 @@ def run_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         seed=args.seed,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
     )
     print(f"model: {backend.name}, output: {args.out}")
     print(tally.summary())

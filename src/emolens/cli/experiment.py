@@ -6,7 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from emolens.cli._common import add_bank_option, add_model_option, load_bank_for, load_model_from
+from emolens.cli._common import (
+    add_bank_option,
+    add_model_option,
+    add_ray_options,
+    check_ray,
+    load_bank_for,
+    load_model_from,
+    ray_workers_from,
+)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -42,6 +50,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                          help="allow strengths beyond +-1")  # fmt: skip
         sub.add_argument("--summary", default=None, metavar="RESULTS",
                          help="only re-summarise this results.jsonl")  # fmt: skip
+        add_ray_options(sub)
         cls.add_arguments(sub)
         sub.set_defaults(run=run)
 
@@ -63,10 +72,13 @@ def run(args: argparse.Namespace) -> None:
         print(experiment.headline(summary))
         return
     out = Path(args.out or Path("emolens-experiments") / args.study)
+    check_ray(args)  # before the model loads
     lm = load_model_from(args)
     bank = load_bank_for(args, lm)
     conditions = experiment.conditions(args, bank, lm)
-    summary = run_experiment(experiment, lm, bank, out, conditions, samples=args.samples,
-                             batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+    with ray_workers_from(args, lm) as workers:
+        summary = run_experiment(experiment, lm, bank, out, conditions, samples=args.samples,
+                                 batch_size=args.batch_size, seed=args.seed,
+                                 executor=workers.trials if workers else None)  # fmt: skip
     print(experiment.headline(summary))
     print(f"results: {out / 'results.jsonl'}\npage: {out / 'page.html'}", file=sys.stderr)

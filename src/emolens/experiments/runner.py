@@ -327,6 +327,24 @@ def _check_rows(path: Path, rows: list[dict], items: dict[str, str], model: str,
             )
 
 
+# Runs chunks of trials (each of one condition) and yields, in order, each chunk's records
+# and the seconds per trial.
+TrialExecutor = Callable[
+    [Experiment, "LoadedModel", "EmotionBank", list[list[Trial]]],
+    Iterator[tuple[list[dict], float]],
+]
+
+
+def run_here(
+    experiment: Experiment, lm: LoadedModel, bank: EmotionBank, chunks: list[list[Trial]]
+) -> Iterator[tuple[list[dict], float]]:
+    """The default `TrialExecutor`: every chunk in this process, one after another."""
+    for chunk in chunks:
+        began = time.perf_counter()
+        records = experiment.run(lm, bank, chunk)
+        yield records, (time.perf_counter() - began) / len(chunk)
+
+
 def run_experiment(
     experiment: Experiment,
     lm: LoadedModel,
@@ -338,9 +356,14 @@ def run_experiment(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
+    executor: TrialExecutor | None = None,
 ) -> dict:
     """Run every trial of the plan not yet in `out`/results.jsonl, then summarise all of them
-    into `out` (summary.json, figures, page.html). Returns the summary."""
+    into `out` (summary.json, figures, page.html). Returns the summary.
+
+    Trials run in chunks of `batch_size` that share a condition, by `executor` (default: in
+    this process; `emolens.distributed.RayWorkers.trials` runs them on Ray workers); this
+    process alone writes the results file, in plan order."""
     if samples < 1 or batch_size < 1:
         raise EmolensError("samples and batch size must be at least 1")
     if not conditions:
@@ -359,24 +382,23 @@ def run_experiment(
     groups: dict[Condition, list[Trial]] = {}
     for trial in pending:
         groups.setdefault(trial.condition, []).append(trial)
+    chunks = [trials[start : start + batch_size] for trials in groups.values()
+              for start in range(0, len(trials), batch_size)]  # fmt: skip
+    execute = executor or run_here
     bar = tqdm(total=len(pending), unit="trial", desc=experiment.name, disable=not progress)
     with bar, AppendLog(path) as results:
-        for trials in groups.values():
-            for start in range(0, len(trials), batch_size):
-                chunk = trials[start : start + batch_size]
-                began = time.perf_counter()
-                records = experiment.run(lm, bank, chunk)
-                seconds = (time.perf_counter() - began) / len(chunk)
-                rows = [
-                    {"experiment": experiment.name, "trial": t.id, "item": t.item,
-                     "item_digest": items[t.item["id"]], "condition": t.condition.to_json(),
-                     "sample": t.sample, "seed": t.seed, **record, "seconds": round(seconds, 4),
-                     "model": lm.fingerprint, "bank": bank_id, "emolens": __version__}
-                    for t, record in zip(chunk, records, strict=True)
-                ]  # fmt: skip
-                results.write(rows)
-                done += rows
-                bar.update(len(chunk))
+        outcomes = execute(experiment, lm, bank, chunks)
+        for chunk, (records, seconds) in zip(chunks, outcomes, strict=True):
+            rows = [
+                {"experiment": experiment.name, "trial": t.id, "item": t.item,
+                 "item_digest": items[t.item["id"]], "condition": t.condition.to_json(),
+                 "sample": t.sample, "seed": t.seed, **record, "seconds": round(seconds, 4),
+                 "model": lm.fingerprint, "bank": bank_id, "emolens": __version__}
+                for t, record in zip(chunk, records, strict=True)
+            ]  # fmt: skip
+            results.write(rows)
+            done += rows
+            bar.update(len(chunk))
     return summarize_rows(experiment, done, out, path)
 
 
