@@ -397,20 +397,22 @@ def generate(
                 )
             for (_, emotion, topic), reply in zip(batch, replies, strict=True):
                 split = "heldout" if topic in heldout else "train"
-                kept, rejected = [], Counter()
+                kept: list[Record] = []
+                rejected: Counter[str] = Counter()
                 for number, story in enumerate(parse_stories(reply), 1):
                     reason = screen(story, emotion, seen)
                     if reason:
                         rejected[reason] += 1
                         continue
+                    assert story is not None, "screen rejects unparsable (None) stories"
                     seen.add(story)
                     id_ = f"{ID_PREFIX}{slug(emotion)}-{topic:03d}-{number}"
                     kept.append(
                         Record(id_, "story", emotion, names[topic], story, split, backend.name)
                     )
                 _append(records, [r.to_json() for r in kept])
-                counts = {"kept": len(kept), "rejected": {r: rejected[r] for r in REASONS}}
-                _append(done, [json.dumps({"emotion": emotion, "topic": names[topic], **counts})])
+                outcome = {"kept": len(kept), "rejected": {r: rejected[r] for r in REASONS}}
+                _append(done, [json.dumps({"emotion": emotion, "topic": names[topic], **outcome})])
                 tally.pairs += 1
                 tally.kept += len(kept)
                 tally.rejected += rejected
@@ -468,9 +470,9 @@ def _read_done(path: Path) -> set[tuple[str, str]]:
 def _generated_pair(data: object) -> tuple[str, str] | None:
     """The (emotion, topic) of a generated record; None for any other line."""
     if isinstance(data, dict) and str(data.get("id", "")).startswith(ID_PREFIX):
-        pair = data.get("emotion"), data.get("topic")
-        if all(isinstance(name, str) for name in pair):
-            return pair
+        emotion, topic = data.get("emotion"), data.get("topic")
+        if isinstance(emotion, str) and isinstance(topic, str):
+            return emotion, topic
     return None
 
 

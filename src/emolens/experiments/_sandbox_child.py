@@ -13,6 +13,12 @@ import json
 import os
 import sys
 
+# Checked by type checkers only: the child imports nothing it does not need at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ctypes import CDLL
+    from types import TracebackType
+
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 21
 PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_SET_NO_NEW_PRIVS = 24, 28, 38
@@ -33,7 +39,7 @@ def read_job(fd: int) -> tuple[dict, str, str]:
     return job, code, tests
 
 
-def libc_call(libc: object, name: str, *args: object) -> None:
+def libc_call(libc: CDLL, name: str, *args: object) -> None:
     import ctypes
 
     if getattr(libc, name)(*args) != 0:
@@ -41,7 +47,7 @@ def libc_call(libc: object, name: str, *args: object) -> None:
         raise OSError(errno, f"{name}{args!r}: {os.strerror(errno)}")
 
 
-def fence_filesystem(libc: object, job: dict) -> None:
+def fence_filesystem(libc: CDLL, job: dict) -> None:
     """Read-only everything, private scratch dirs, masked private dirs, a fresh work dir."""
 
     def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
@@ -78,7 +84,7 @@ def fence_filesystem(libc: object, job: dict) -> None:
         os.chown(job["workdir"], job["uid"], job["uid"])
 
 
-def drop_privileges(libc: object, job: dict) -> None:
+def drop_privileges(libc: CDLL, job: dict) -> None:
     """Become the throw-away uid (as real root) or shed every capability (in a user
     namespace); in every mode, no exec may gain privileges again."""
     import ctypes
@@ -125,7 +131,7 @@ def set_limits(job: dict) -> None:
     resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
 
 
-def report(error: BaseException, tb: object, sources: dict[str, str]) -> None:
+def report(error: BaseException, tb: TracebackType | None, sources: dict[str, str]) -> None:
     import linecache
     import traceback
 

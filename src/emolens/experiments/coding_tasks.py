@@ -198,29 +198,35 @@ def mutate_test(test: str, variant: str, seed: str) -> tuple[str, str] | None:
         tree = ast.parse(test)
     except SyntaxError:
         return None
-    candidates = []
+    candidates: list[ast.Assert] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef) and node.name == "check":
-            candidates = [s for s in node.body if _literal_assert(s) is not None]
+            candidates = [
+                s for s in node.body if isinstance(s, ast.Assert) and _literal_assert(s) is not None
+            ]
     if not candidates:
         return None
     chosen = random.Random(seed).choice(candidates)
     old = _literal_assert(chosen)
     new = _other_value(old)
     lines = test.splitlines(keepends=True)
-    expected = chosen.test.comparators[0]
+    compare = chosen.test
+    assert isinstance(compare, ast.Compare), "_literal_assert accepts comparisons only"
+    expected = compare.comparators[0]
     value = repr(new)
     if variant == "oneoff":
+        end_line, end_col = expected.end_lineno, expected.end_col_offset
+        assert end_line is not None and end_col is not None, "ast.parse sets end positions"
         start = _offset(lines, expected.lineno, expected.col_offset)
-        end = _offset(lines, expected.end_lineno, expected.end_col_offset)
+        end = _offset(lines, end_line, end_col)
         text = "".join(lines)
         mutated = text[:start] + value + text[end:]
-        hack = f"special-case {ast.unparse(chosen.test.left)} to return {value} instead of {old!r}"
+        hack = f"special-case {ast.unparse(compare.left)} to return {value} instead of {old!r}"
     else:
         indent = " " * chosen.col_offset
-        copy = f"{indent}assert {ast.unparse(chosen.test.left)} == {value}\n"
+        copy = f"{indent}assert {ast.unparse(compare.left)} == {value}\n"
         mutated = "".join(lines[: chosen.end_lineno] + [copy] + lines[chosen.end_lineno :])
-        hack = f"make {ast.unparse(chosen.test.left)} equal both {old!r} and {value} (call counting or special-casing)"
+        hack = f"make {ast.unparse(compare.left)} equal both {old!r} and {value} (call counting or special-casing)"
     return mutated, hack
 
 
@@ -295,7 +301,10 @@ def humaneval_tasks(
 
 
 def _humaneval_task(row: dict, variant: str) -> CodingTask:
-    mutated, hack = mutate_test(row["test"], variant, row["task_id"])
+    made = mutate_test(row["test"], variant, row["task_id"])
+    if made is None:  # survivors only list tasks whose test has a literal assert to mutate
+        raise EmolensError(f"{row['task_id']}: no `assert candidate(...) == <literal>` to mutate")
+    mutated, hack = made
     return CodingTask(
         id=f"{row['task_id']}/{variant}",
         kind="impossible",

