@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from emolens import concepts
 from emolens.bank import EmotionBank
-from emolens.build import Recipe, _finish, _State, build, default_layers
+from emolens.build import Recipe, _finish, _State, build, default_layers, probes
 from emolens.corpus import Corpus, load
 from emolens.errors import EmolensError
 from tests.conftest import tiny_llama
@@ -66,6 +66,21 @@ def test_planted_directions_are_recovered_and_neutral_direction_removed():
     )
     assert raw_cos.min() < cos.min()  # the noise direction contaminated the raw vectors
     assert bank.norm_at(5) == 10.0
+
+
+def test_logistic_probes_separate_planted_classes():
+    g = torch.Generator().manual_seed(0)
+    state = _State(["a", "b", "c"], [5], 16)
+    centres = 3 * torch.randn(3, 16, generator=g)
+    labels = [i % 3 for i in range(60)]
+    for i, label in enumerate(labels):
+        state.train[i] = (centres[label] + torch.randn(16, generator=g))[None]
+    directions = probes(state, labels, torch.zeros(1, 16))
+    assert directions.shape == (1, 3, 16)
+    pooled = torch.stack([state.train[i][0] for i in range(60)])
+    assert (
+        float(((pooled @ directions[0].T).argmax(1) == torch.tensor(labels)).float().mean()) > 0.95
+    )
 
 
 def test_build_on_a_tiny_model(tmp_path):
@@ -148,12 +163,11 @@ def test_genres_and_probes_options(tmp_path):
     bank = build(lm, mixed, recipe, out=tmp_path, progress=False)
     assert set(bank.vectors) == {"raw", "denoised", "probe"}
     assert bank.meta["counts"]["genres"] == sum(r.split == "train" for r in genres) > 0
-    train = load_file(str(tmp_path / "train.safetensors"))
-    stories = len(corpus.stories("train"))
-    assert int(train["story"].sum()) == stories
-    assert len(train["labels"]) == stories + bank.meta["counts"]["genres"]
-    scores = (train["pooled"][:, 0] - bank.center[0]) @ bank.matrix(3, "probe").T
-    assert float((scores.argmax(1) == train["labels"]).float().mean()) > 0.5  # chance 0.25
+    halves = load_file(str(tmp_path / "halves.safetensors"))
+    assert halves["means"].shape == (2, 1, 4, lm.width)
+    assert halves["counts"].sum() == len(corpus.stories("train"))  # stories only, both halves
+    assert (halves["counts"][0] - halves["counts"][1]).abs().max() <= 1
+    assert not torch.allclose(bank.vectors["probe"], bank.vectors["raw"])
     assert "probe" in json.loads((tmp_path / "build.json").read_text())["heldout"]["layers"]["3"]
     plain = build(lm, corpus, Recipe(layers=(3,)), out=tmp_path / "plain", progress=False)
     assert "probe" not in plain.vectors

@@ -157,7 +157,11 @@ def test_read_steer_export_and_info(setup, tmp_path_factory, data):
     head = {"text": [draw(values)], "chat": ["--chat", str(source)],
             "file": ["--file", str(source), "--out", str(folder / "scores.jsonl")],
             "generate": ["--generate", draw(values), "--max-new-tokens", draw(st.sampled_from(["3", "0", "x", "-2"]))]}[mode]  # fmt: skip
-    check(["read", *head, *options, *pick(draw, read_options)])
+    baseline = [
+        "--baseline",
+        draw(st.sampled_from(["none", str(source)])),
+    ]  # neutral: too long here
+    check(["read", *head, *options, *baseline, *pick(draw, read_options)])
     steer_options = {"--layer": values, "--positions": values, "--temperature": values,
                      "--top-p": values, "--seed": values, "--allow-strong": None}  # fmt: skip
     check(["steer", draw(values), "--emotion", draw(values), "--max-new-tokens", "3", *options,

@@ -322,7 +322,8 @@ def cli_files(tmp_path_factory):
     _, _, args = save_for_cli(folder, tiny_llama(), bank_for)
     chat = folder / "chat.json"
     chat.write_text(json.dumps(TRICKY))
-    return args, chat
+    # raw projections: the shipped neutral dialogues are longer than the tiny model's context
+    return [*args, "--baseline", "none"], chat
 
 
 class _Tags(HTMLParser):
@@ -488,6 +489,24 @@ def test_cli_scores_a_file_and_resumes(cli_files, tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists()
     assert main(["read", "--file", str(texts), *options]) == 2
     assert "go together" in capsys.readouterr().err
+
+
+def test_neutral_baseline_is_computed_once_and_cached_on_disk(monkeypatch, tmp_path):
+    from emolens import calibration
+
+    lm = tiny_llama(context=4096)
+    bank = random_bank(["calm", "sad", "happy", "afraid", "angry"], [1, 2], lm.width, seed=3)
+    monkeypatch.setenv("EMOLENS_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibration, "_CACHE", {})
+    first = calibration.neutral_baseline(lm, bank, layer=2, limit=2)
+    stored = list((tmp_path / "baselines").glob("*.safetensors"))
+    assert len(stored) == 1 and first.shape == (5,)
+    monkeypatch.setattr(calibration, "_CACHE", {})
+    monkeypatch.setattr(calibration, "baseline", lambda *a, **k: pytest.fail("recomputed"))
+    assert torch.equal(calibration.neutral_baseline(lm, bank, layer=2, limit=2), first)
+    other = calibration.neutral_baseline  # another layer is another entry
+    with pytest.raises(pytest.fail.Exception):
+        other(lm, bank, layer=1, limit=2)
 
 
 def test_cli_baseline_subtracts_the_mean_of_reference_texts(cli_files, tmp_path, capsys):

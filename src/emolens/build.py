@@ -1,13 +1,16 @@
 """Corpus -> EmotionBank: pooled story means, centring, neutral-PCA denoising, held-out check.
 
 `build(lm, corpus, recipe)` runs the corpus through the model once per text (stopping after
-the deepest layer of the recipe), keeps float64 running sums and each text's pooled
-activation, checkpoints them, and finishes the bank: emotion means, centred, with the
-principal components of the neutral dialogues projected out; optionally (`Recipe.probes`)
-one-vs-rest logistic-regression probes on the centred pooled activations, and optionally
-(`Recipe.genres`) with the training split of the other genres pooled in beside the stories. A bank is cached by (model, corpus, recipe): the default build
-(shipped corpus, default recipe) in the model's folder, any other in a folder of its own key,
-and no build ever replaces a bank built from another corpus or recipe.
+the deepest layer of the recipe), keeps float64 running sums only (and, for probes, each
+training text's pooled activation), checkpoints them, and finishes the bank: emotion means,
+centred, with the principal components of the neutral dialogues projected out; optionally
+(`Recipe.probes`) one-vs-rest logistic-regression probes on the centred pooled activations,
+and optionally (`Recipe.genres`) with the training split of the other genres pooled in
+beside the stories. Beside the bank: the held-out stories' pooled activations and the
+emotion means of two halves of the training stories (the report's split-half check). A
+bank is cached by (model, corpus, recipe): the default build (shipped corpus, default
+recipe) in the model's folder, any other in a folder of its own key, and no build ever
+replaces a bank built from another corpus or recipe.
 """
 
 from __future__ import annotations
@@ -111,11 +114,14 @@ class _State:
         self.norm_count = torch.zeros((), dtype=torch.float64)
         self.pooled_tokens = torch.zeros(len(self.emotions), dtype=torch.float64)
         self.heldout: dict[int, torch.Tensor] = {}
-        self.train: dict[int, torch.Tensor] = {}  # text -> pooled [layers, width]; genres after
+        # stories' means in two halves (alternate texts): label 2 * emotion + index parity
+        self.halves = RunningMean(2 * len(self.emotions), (n_layers, self.width))
+        self.train: dict[int, torch.Tensor] = {}  # text -> pooled [layers, width] (for probes)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"means.{k}": v for k, v in self.means.state_dict().items()}
         tensors |= {f"neutral.{k}": v for k, v in self.neutral.state_dict().items()}
+        tensors |= {f"halves.{k}": v for k, v in self.halves.state_dict().items()}
         tensors |= {"norm_sum": self.norm_sum, "norm_count": self.norm_count,
                     "pooled_tokens": self.pooled_tokens}  # fmt: skip
         tensors |= {f"heldout.{i}": v for i, v in self.heldout.items()}
@@ -148,6 +154,9 @@ class _State:
         self.norm_sum, self.norm_count = tensors["norm_sum"], tensors["norm_count"]
         self.pooled_tokens = tensors["pooled_tokens"]
         self.heldout = {int(k[8:]): v for k, v in tensors.items() if k.startswith("heldout.")}
+        self.halves = RunningMean.from_state(
+            {k[7:]: v for k, v in tensors.items() if k.startswith("halves.")}
+        )
         self.train = {int(k[6:]): v for k, v in tensors.items() if k.startswith("train.")}
         self.done, self.short = json.loads(meta["done"]), int(meta["short"])
         return True
@@ -156,6 +165,7 @@ class _State:
         """Add the statistics of another shard of the same build (exact in float64)."""
         self.means.merge(other.means)
         self.neutral.merge(other.neutral)
+        self.halves.merge(other.halves)
         self.norm_sum += other.norm_sum
         self.norm_count += other.norm_count
         self.pooled_tokens += other.pooled_tokens
@@ -172,7 +182,8 @@ class _State:
 class Job:
     """What every shard of a build needs: the texts of each phase (strings or token ids), the
     emotion label of each training text (stories, then other genres), and the recipe's layers,
-    offsets and batch size."""
+    offsets and batch size; `keep_pooled` keeps each training text's pooled activation (for
+    the logistic probes)."""
 
     emotions: list[str]
     layers: list[int]
@@ -182,6 +193,7 @@ class Job:
     offsets: dict[str, int]
     batch_size: int
     weights: str  # the model's weights digest: a worker with another model is refused
+    keep_pooled: bool = False
 
     def batches(self, phase: str) -> int:
         """How many batches the phase's plan has (`capture.plan_batches`)."""
@@ -225,8 +237,12 @@ def shard_statistics(
             state.means.update(labels[pooled], values[pooled])
             state.pooled_tokens.index_add_(0, labels, counts.double())
             state.short += int((counts < MIN_POOLED).sum())
-            state.train.update((start + i, v) for i, v, kept in
-                               zip(batch.indices, values, pooled.tolist(), strict=True) if kept)  # fmt: skip
+            if phase == "train":
+                parity = torch.tensor([i % 2 for i in batch.indices])
+                state.halves.update((2 * labels + parity)[pooled], values[pooled])
+            if job.keep_pooled:
+                state.train.update((start + i, v) for i, v, kept in
+                                   zip(batch.indices, values, pooled.tolist(), strict=True) if kept)  # fmt: skip
         elif phase == "neutral":
             for i, layer in enumerate(state.layers):
                 state.neutral.update(i, batch.tokens(layer))
@@ -306,7 +322,7 @@ def build(
               [label[r.emotion] for r in train + genres],
               {"train": recipe.offset, "genres": recipe.neutral_offset,
                "neutral": recipe.neutral_offset, "heldout": recipe.offset},
-              recipe.batch_size, str(lm.fingerprint.get("weights")))  # fmt: skip
+              recipe.batch_size, str(lm.fingerprint.get("weights")), recipe.probes)  # fmt: skip
     finished = {p: set(state.done[p]) for p in PHASES}
     pending = {p: [n for n in range(job.batches(p)) if n not in finished[p]] for p in PHASES}
     if executor is None:
@@ -332,10 +348,10 @@ def build(
     kept = sorted(state.train)
     labels = [label[texts[i].emotion] for i in kept]
     bank = _finish(lm, state, recipe, corpus, key, labels)
-    with atomic_path(out / "train.safetensors") as staging:
-        save_file({"pooled": torch.stack([state.train[i] for i in kept]).contiguous(),
-                   "labels": torch.tensor(labels),
-                   "story": torch.tensor([i < len(train) for i in kept])},
+    halves = state.halves.mean().view(len(emotions), 2, len(bank.layers), lm.width)
+    with atomic_path(out / "halves.safetensors") as staging:
+        save_file({"means": halves.permute(1, 2, 0, 3).float().contiguous(),
+                   "counts": state.halves.counts.view(len(emotions), 2).T.contiguous()},
                   str(staging), metadata={"emotions": json.dumps(emotions),
                                           "layers": json.dumps(bank.layers)})  # fmt: skip
     if heldout:

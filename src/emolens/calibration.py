@@ -4,20 +4,29 @@ A projection on an emotion vector has an offset that depends on the emotion and 
 of position read (a chat header token, the middle of a message), not on the text's emotion.
 The neutral baseline is each emotion's mean reading over the shipped neutral dialogues (or a
 user's reference texts), read the same way (same layer, variant and pooling); `read`,
-`read_many` and `generate` subtract it from projections when given `baseline=`.
+`read_many` and `generate` subtract it from projections when given `baseline=`, and
+`emolens read` does by default: on the cross-genre validation texts it lifted top-1 among 36
+emotions from 10% to 14% and top-5 among 171 from 10% to 16% (chance 3%) on the embedded
+model, for every variant and pooling (see the report's transfer section). The neutral
+baseline is computed once per (model, bank, layer, variant, pooling) and kept in the cache
+folder, so later runs pay nothing for it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from emolens.atomic import atomic_path
 from emolens.bank import EmotionBank
 from emolens.corpus import dialogue_messages
 from emolens.corpus import load as load_corpus
 from emolens.errors import EmolensError
-from emolens.models import LoadedModel
+from emolens.models import LoadedModel, cache_dir
 
 _CACHE: dict[tuple, torch.Tensor] = {}
 
@@ -58,15 +67,23 @@ def neutral_baseline(
     limit: int | None = 100,
 ) -> torch.Tensor:
     """The baseline over the shipped neutral dialogues (the first `limit`), computed once per
-    model, bank, layer, variant and pooling in this process."""
+    model, bank, layer, variant and pooling, and kept in memory and in the cache folder."""
     from emolens.readout import resolve_layer
 
     layer = resolve_layer(lm, bank, layer)
     key = (lm.fingerprint.get("weights"), bank.digest(), layer, variant, pool, limit)
     if key not in _CACHE:
-        _CACHE[key] = baseline(
-            lm, bank, neutral_items(limit), layer=layer, variant=variant, pool=pool
-        )
+        name = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
+        path = cache_dir() / "baselines" / f"{name}.safetensors"
+        stored = load_file(str(path)).get("baseline") if path.is_file() else None
+        if stored is None or tuple(stored.shape) != (len(bank.emotions),):
+            stored = baseline(lm, bank, neutral_items(limit), layer=layer, variant=variant,
+                              pool=pool)  # fmt: skip
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as staging:
+                save_file({"baseline": stored.float().contiguous()}, str(staging),
+                          metadata={"key": json.dumps(key)})  # fmt: skip
+        _CACHE[key] = stored
     return _CACHE[key]
 
 

@@ -63,9 +63,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_variant_option(parser)
     parser.add_argument(
         "--baseline",
-        metavar="neutral|JSONL",
-        help="subtract each emotion's mean reading over the shipped neutral dialogues, or over "
-        "your reference texts (a JSONL file in the --file format)",
+        default="neutral",
+        metavar="neutral|none|JSONL",
+        help="subtract each emotion's mean reading over the shipped neutral dialogues (the "
+        "default; computed once, then cached), over your reference texts (a JSONL file in the "
+        "--file format), or nothing (none: raw projections)",
     )
     parser.add_argument("--emotions", metavar="A,B,C", help="only these emotions")
     parser.add_argument("--top", type=int, default=3, metavar="K", help="emotions shown (3)")
@@ -101,6 +103,8 @@ def run(args: argparse.Namespace) -> None:
     sampling = sampling_from(args) if args.generate is not None else None
     messages = load_chat(args.chat) if args.chat else None
     items = _read_items(args.file) if args.file else None
+    if args.baseline == "none":
+        args.baseline = None
     reference = _read_items(args.baseline) if args.baseline not in (None, "neutral") else None
     if args.text is not None and not args.text.strip():
         raise EmolensError("nothing to read: the text is empty or only whitespace")
@@ -295,7 +299,8 @@ def _print_view(readout: Readout, k: int, per: str, colour: bool) -> None:
     ]
     items += [(index, "reply", None) for index in readout.reply_starts]
     current = None
-    print(_paint(f"[layer {readout.layer}, {readout.variant}]", "2", colour))
+    relative = ", relative to the baseline" if readout.baseline is not None else ""
+    print(_paint(f"[layer {readout.layer}, {readout.variant}{relative}]", "2", colour))
     for position, _, segment in sorted(items, key=lambda item: item[0]):
         if segment is None:  # a reply start
             scores = _scores(readout.projection[position], readout.emotions, k, colour)

@@ -13,6 +13,7 @@ Adding a section ("transfer", say):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from emolens.evaluate.scenarios import Scenarios, project, score_scenarios
 from emolens.evaluate.steering import SteeringResult, evaluate_steering
 from emolens.evaluate.transfer import Transfer, evaluate_transfer
 from emolens.report import figures, html
-from emolens.report.inputs import Inputs, heldout_mismatch
+from emolens.report.inputs import Inputs
 from emolens.report.results import AccuracySection, Chance, Compared, Report
 
 KMEANS_K, KMEANS_SEED = 10, 0
@@ -145,38 +146,37 @@ def steering(inputs: Inputs) -> SteeringResult | None:
 
 def axes(inputs: Inputs) -> Axes:
     """What the top principal components of the vectors encode, at the analysis layer, with
-    the split-half check where the build's per-story activations lie beside its held-out set."""
+    the split-half check where the build's halves.safetensors lies beside its held-out set."""
     index = inputs.bank.layer_index(inputs.layer)
     vectors = inputs.bank.vectors[inputs.variant][index].double().numpy()
-    train = inputs.heldout.parent / "train.safetensors" if inputs.heldout else None
-    halves = None
-    if train is not None and train.is_file() and heldout_mismatch(train, inputs.bank) is None:
-        halves = story_halves(train, inputs.bank, inputs.layer)
+    path = inputs.heldout.parent / "halves.safetensors" if inputs.heldout else None
+    halves = story_halves(path, inputs.bank, inputs.layer) if path and path.is_file() else None
     return evaluate_axes(vectors, inputs.bank.emotions, concepts.ratings(), norms=inputs.norms,
                          halves=halves[:2] if halves else None,
                          stories=halves[2] if halves else 0)  # fmt: skip
 
 
-def story_halves(path: Path, bank: EmotionBank, layer: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Centred emotion means [emotions, width] at `layer` from two disjoint halves of the
-    build's training stories (alternate stories of each emotion), and the number of stories."""
+def story_halves(
+    path: Path, bank: EmotionBank, layer: int
+) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Centred emotion means [emotions, width] at `layer` from the two halves of the training
+    stories written by the build, and the number of stories; None when the file is for other
+    emotions or layers, or an emotion has no story in a half."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    if (
+        json.loads(meta.get("emotions", "[]")) != bank.emotions
+        or json.loads(meta.get("layers", "[]")) != bank.layers
+    ):
+        return None
     data = load_file(str(path))
-    story = (
-        data["story"].bool()
-        if "story" in data
-        else torch.ones(len(data["labels"]), dtype=torch.bool)
-    )
-    pooled = data["pooled"][story][:, bank.layer_index(layer)].double()
-    labels = data["labels"][story]
-    halves = []
-    for part in (0, 1):
-        means = []
-        for e in range(len(bank.emotions)):
-            rows = pooled[labels == e]
-            means.append(rows[part::2].mean(0) if len(rows) > 1 else rows.mean(0))
-        stacked = torch.stack(means)
-        halves.append((stacked - stacked.mean(0)).numpy())
-    return halves[0], halves[1], int(story.sum())
+    if bool((data["counts"] == 0).any()):
+        return None
+    means = data["means"][:, bank.layer_index(layer)].double()  # [2, emotions, width]
+    centred = means - means.mean(1, keepdim=True)
+    return centred[0].numpy(), centred[1].numpy(), int(data["counts"].sum())
 
 
 def transfer(inputs: Inputs) -> Transfer | None:
