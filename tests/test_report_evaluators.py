@@ -243,7 +243,8 @@ def test_transfer_scores_every_reading_and_picks_on_the_other_half(tiny):
     assert (
         "chat/reply_start/denoised/neutral" in names and "plain/reply_start/raw/none" not in names
     )
-    assert len(names) == 2 * 2 * (3 + 4)  # variants x baselines x (plain pools + chat pools)
+    assert len(names) == 2 * 3 * (3 + 4)  # variants x calibrations x (plain pools + chat pools)
+    assert "plain/mean/denoised/centre" in names
     assert result.chosen in names and set(result.words) == {
         n.replace("/raw/", "/words/").replace("/denoised/", "/words/") for n in names
     }

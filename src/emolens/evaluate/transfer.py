@@ -7,8 +7,9 @@ at one layer under every readout choice:
 - pooling over the text's own tokens (a dialogue line's context excluded): the mean, the
   last token, the maximum of a moving average, or (chat only) the reply start;
 - the bank's variants (raw, denoised, and logistic probes when the bank has them);
-- calibration: none, or relative to the neutral baseline (the same reading of the shipped
-  neutral dialogues, subtracted per emotion).
+- calibration: none, relative to the neutral baseline (the same reading of the shipped
+  neutral dialogues, subtracted per emotion), or centred (the bank's centre, the mean
+  training story, projected and subtracted: what the held-out story table does).
 Scores: per genre, top-1 among the validation emotions, top-1 among the showcase emotions
 (on showcase texts), top-5 among all the bank's emotions. The texts are split in two halves
 by id: a choice is picked on one half and reported on the other, so the winner is never
@@ -178,11 +179,13 @@ def evaluate_transfer(
         for (k, variant, pool), values in readings.items():
             if rendering == "plain" and pool == "reply_start":
                 continue
-            for calibrated in (False, True):
-                shifted = values - reference[(k, variant, pool)].mean(0) if calibrated else values
-                name = f"{rendering}/{pool}/{variant}/{'neutral' if calibrated else 'none'}"
-                if k == 1:
-                    name = f"{rendering}/{pool}/words/{'neutral' if calibrated else 'none'}"
+            source = banks[k]
+            offsets = {"none": torch.zeros(values.shape[1]),
+                       "neutral": reference[(k, variant, pool)].mean(0),
+                       "centre": score(source.center[source.layer_index(layer)], source, layer, variant)}  # fmt: skip
+            for calibration, offset in offsets.items():
+                shifted = values - offset
+                name = f"{rendering}/{pool}/{'words' if k == 1 else variant}/{calibration}"
                 for part in (0, 1):
                     rows = {genre: _scores(
                         shifted[[i for i, r in enumerate(records) if r.kind == genre and half(r.id) == part]],

@@ -283,9 +283,10 @@ def transfer(report: Report, images: dict[str, Path]) -> str:
         f"{len(result.emotions)} emotions, read at layer {result.layer}. A choice is "
         "<i>rendering/pooling/variant/baseline</i>: the text as plain text or as a user turn; "
         "pooled over its own tokens by the mean, the last token, the maximum of a 5-token "
-        "moving average, or read at the reply start; raw or denoised vectors; with or without "
-        "the neutral baseline (each emotion's mean reading on neutral dialogues, read the same "
-        "way, subtracted). Choices are ranked on one half of the texts and scored on the "
+        "moving average, or read at the reply start; the bank's variants; calibrated by nothing "
+        "(none), by the neutral baseline (each emotion's mean reading on neutral dialogues, "
+        "read the same way, subtracted) or by the bank's centre (the mean training story, "
+        "projected and subtracted, as for held-out stories). Choices are ranked on one half of the texts and scored on the "
         f"other. Top-1 among the {len(result.emotions)} (chance {pct(chance['top1'])}):</p>"
         + _table(["choice", "first half (mean)", *GENRES, "second half (mean)"], rows)
         + f"<p>The chosen reading <code>{_esc(chosen)}</code> on the second half: top-1 among "
