@@ -526,3 +526,15 @@ def test_cli_baseline_subtracts_the_mean_of_reference_texts(cli_files, tmp_path,
         assert shift == pytest.approx((plain[0][emotion] + plain[1][emotion]) / 2, abs=1e-4)
     assert main(["read", "Hello", *options, "--baseline", str(tmp_path / "none.jsonl")]) == 2
     assert "none.jsonl" in capsys.readouterr().err
+
+
+def test_centre_baseline_subtracts_the_projected_centre(tiny):
+    bank = random_bank(["calm", "sad", "happy"], [1, 2], tiny.width, seed=2)
+    plain = read(tiny, bank, "Hello there", layer=2)
+    centred = read(tiny, bank, "Hello there", layer=2, baseline="centre")
+    offset = score(bank.center[1], bank, 2)
+    assert torch.allclose(
+        plain.projection - centred.projection, offset.expand_as(plain.projection), atol=1e-5
+    )
+    with pytest.raises(EmolensError, match="unknown baseline 'middle'"):
+        read(tiny, bank, "Hello there", layer=2, baseline="middle")

@@ -63,11 +63,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_variant_option(parser)
     parser.add_argument(
         "--baseline",
-        default="neutral",
-        metavar="neutral|none|JSONL",
-        help="subtract each emotion's mean reading over the shipped neutral dialogues (the "
-        "default; computed once, then cached), over your reference texts (a JSONL file in the "
-        "--file format), or nothing (none: raw projections)",
+        default="centre",
+        metavar="centre|neutral|none|JSONL",
+        help="subtract from each emotion's projection that of the bank's centre, the mean "
+        "training story (the default: the best on the cross-genre validation texts, and how "
+        "held-out stories are scored), each emotion's mean reading over the shipped neutral "
+        "dialogues (computed once, then cached), the mean reading of your reference texts (a "
+        "JSONL file in the --file format), or nothing (none: raw projections)",
     )
     parser.add_argument("--emotions", metavar="A,B,C", help="only these emotions")
     parser.add_argument("--top", type=int, default=3, metavar="K", help="emotions shown (3)")
@@ -105,7 +107,8 @@ def run(args: argparse.Namespace) -> None:
     items = _read_items(args.file) if args.file else None
     if args.baseline == "none":
         args.baseline = None
-    reference = _read_items(args.baseline) if args.baseline not in (None, "neutral") else None
+    named = (None, "neutral", "centre")
+    reference = _read_items(args.baseline) if args.baseline not in named else None
     if args.text is not None and not args.text.strip():
         raise EmolensError("nothing to read: the text is empty or only whitespace")
     check_output(args.html)
