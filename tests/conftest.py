@@ -89,3 +89,23 @@ def save_for_cli(folder, tiny: LoadedModel, make_bank):
     bank.model = dict(lm.fingerprint)
     bank.save(folder / "bank.safetensors")
     return lm, bank, ["--model", str(folder / "model"), "--bank", str(folder / "bank.safetensors")]
+
+
+def kill_after_lines(command: list[str], env: dict, results, lines: int, timeout: float) -> int:
+    """Start `command`, SIGKILL it once `results` holds `lines` lines (within `timeout` s),
+    and return how many lines it had written by then."""
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + timeout
+    while (
+        not results.exists() or len(results.read_text().splitlines()) < lines
+    ) and time.time() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return len(results.read_text().splitlines())

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -27,7 +25,7 @@ from emolens.experiments.preferences import (
 )
 from emolens.experiments.runner import Condition, load_sweep, read_results, sweep
 from emolens.experiments.tournament import bradley_terry, elo, elo_interval
-from tests.conftest import save_for_cli, tiny_llama
+from tests.conftest import kill_after_lines, save_for_cli, tiny_llama
 
 EMOTIONS = ["calm", "happy", "sad", "afraid", "blissful", "hostile"]
 
@@ -213,19 +211,8 @@ def test_a_killed_run_resumes_to_the_same_results(saved, tmp_path):
         "emolens.cli",
         *_command(options, tmp_path / "killed", "--batch-size", "1"),
     ]
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
     results = tmp_path / "killed" / "results.jsonl"
-    deadline = time.time() + 120
-    while (
-        not results.exists() or len(results.read_text().splitlines()) < 3
-    ) and time.time() < deadline:
-        assert process.poll() is None, process.stderr.read()
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    partial = len(results.read_text().splitlines())
+    partial = kill_after_lines(command, env, results, 3, timeout=120)
     assert 3 <= partial < 40, "the run was not killed midway"
     subprocess.run(command, env=env, check=True, capture_output=True)
     whole = tmp_path / "whole"

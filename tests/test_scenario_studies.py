@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import pytest
@@ -28,7 +26,7 @@ from emolens.experiments.scenario_study import judge_verdicts
 from emolens.experiments.scenario_summary import agreement, dose_curves
 from emolens.experiments.sycophancy import Sycophancy
 from emolens.generation import Generation
-from tests.conftest import save_for_cli, tiny_llama
+from tests.conftest import kill_after_lines, save_for_cli, tiny_llama
 from tests.test_experiment_data import fake_generator
 
 EMOTIONS = ["desperate", "calm", "angry", "nervous", "happy", "sad", "loving", "afraid"]
@@ -402,20 +400,8 @@ def test_a_killed_sycophancy_run_resumes_to_the_same_results(saved, tmp_path):
     whole = tmp_path / "whole"
     unbroken = subprocess.Popen(command(whole), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
-    process = subprocess.Popen(
-        command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
     results = tmp_path / "killed" / "results.jsonl"
-    deadline = time.time() + 180
-    while (
-        not results.exists() or len(results.read_text().splitlines()) < 3
-    ) and time.time() < deadline:
-        assert process.poll() is None, process.stderr.read()
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    partial = len(results.read_text().splitlines())
+    partial = kill_after_lines(command(tmp_path / "killed"), env, results, 3, timeout=180)
     assert 3 <= partial < 18, "the run was not killed midway"
     subprocess.run(command(tmp_path / "killed"), env=env, check=True, capture_output=True)
     assert unbroken.wait() == 0, unbroken.stderr.read()
