@@ -24,8 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from serve import _bank, _wait  # noqa: E402
 
+from emolens.backends import OpenAIBackend  # noqa: E402
 from emolens.concepts import emotions  # noqa: E402
-from emolens.corpus_generation import OpenAIBackend, generate  # noqa: E402
+from emolens.corpus_generation import generate  # noqa: E402
 from emolens.models import load_model  # noqa: E402
 
 

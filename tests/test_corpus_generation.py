@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from emolens import concepts, corpus
+from emolens.backends import LocalBackend
 from emolens.cli import main
 from emolens.corpus import DuplicateIndex
 from emolens.corpus_generation import (
     REASONS,
-    LocalBackend,
     generate,
     parse_stories,
     pick_emotions,

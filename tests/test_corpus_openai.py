@@ -13,8 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from emolens.backends import OpenAIBackend
 from emolens.cli import main
-from emolens.corpus_generation import OpenAIBackend, generate, prompt
+from emolens.corpus_generation import generate, prompt
 from emolens.errors import EmolensError
 from tests.test_corpus_generation import story
 

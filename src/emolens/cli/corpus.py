@@ -111,14 +111,8 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from emolens.corpus_generation import (
-        Backend,
-        LocalBackend,
-        OpenAIBackend,
-        generate,
-        pick_emotions,
-        pick_topics,
-    )
+    from emolens.backends import Backend, LocalBackend, OpenAIBackend
+    from emolens.corpus_generation import generate, pick_emotions, pick_topics
     from emolens.errors import EmolensError
 
     # parsed before the model loads, so a typo fails at once
