@@ -47,6 +47,7 @@ def baseline(
     layer: int | None = None,
     variant: str = "denoised",
     pool: str = "mean",
+    batch_size: int = 8,
 ) -> torch.Tensor:
     """Each emotion's mean reading [emotions] over reference `items` (texts or
     conversations), pooled with `pool` as `read_many` pools."""
@@ -54,7 +55,8 @@ def baseline(
 
     if not items:
         raise EmolensError("a baseline needs at least one reference text")
-    scores = read_many(lm, bank, items, layer=layer, variant=variant, pool=pool)
+    scores = read_many(lm, bank, items, layer=layer, variant=variant, pool=pool,
+                       batch_size=batch_size)  # fmt: skip
     assert isinstance(scores, torch.Tensor)  # pooled readings
     return scores.mean(0)
 

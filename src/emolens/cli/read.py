@@ -153,18 +153,15 @@ def run(args: argparse.Namespace) -> None:
 def _baseline(
     args: argparse.Namespace, lm: LoadedModel, bank: EmotionBank, reference: list | None
 ) -> str | torch.Tensor | None:
-    """What --baseline subtracts: "neutral", the mean reading of the reference texts, or None."""
-    import torch
-
-    from emolens.readout import read_many
+    """What --baseline subtracts: "centre", "neutral", the mean reading of the reference texts,
+    or None."""
+    from emolens.calibration import baseline
 
     if reference is None:
         return args.baseline
-    pool = args.pool if args.file else "mean"
-    scores = read_many(lm, bank, [item for _, item in reference], layer=args.layer,
-                       variant=args.variant, pool=pool, batch_size=args.batch_size)  # fmt: skip
-    assert isinstance(scores, torch.Tensor)
-    return scores.mean(0)
+    return baseline(lm, bank, [item for _, item in reference], layer=args.layer,
+                    variant=args.variant, pool=args.pool if args.file else "mean",
+                    batch_size=args.batch_size)  # fmt: skip
 
 
 def _read_items(path: str) -> list[tuple[object, str | list[dict]]]:
